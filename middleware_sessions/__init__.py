@@ -1,0 +1,8 @@
+"""Request-scoped SQLAlchemy sessions for FastAPI and Starlette, through pure ASGI middleware."""
+
+from ._database import AsyncDatabase, Database
+from ._middleware import DBSessionMiddleware
+from .exceptions import MissingSessionError
+
+__all__ = ["AsyncDatabase", "DBSessionMiddleware", "Database", "MissingSessionError"]
+__version__ = "0.1.0"

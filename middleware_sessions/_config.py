@@ -1,0 +1,121 @@
+"""Where the database comes from, and the engine defaults we apply.
+
+Everything here runs once, at construction. Error messages never include the
+URL as given: it may carry a password.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import StaticPool
+
+ENV_VAR = "DATABASE_URL"
+
+_SERVER_DIALECTS_WITHOUT_PRE_PING = frozenset({"sqlite"})
+
+
+def resolve_url(url: str | URL | None, *, engine_given: bool, cls_name: str) -> URL | None:
+    """Return the URL to build an engine from, or ``None`` when an engine was given."""
+    if url is not None and engine_given:
+        raise ValueError(
+            f"{cls_name}() got both a URL and an engine. "
+            "It can only use one database. "
+            "Pass either url=... or engine=..., not both."
+        )
+    if engine_given:
+        return None
+    if url is None:
+        url = os.environ.get(ENV_VAR) or None
+        if url is None:
+            raise ValueError(
+                f"{cls_name}() was given no database. "
+                f"There was no url argument, no engine argument and no {ENV_VAR} "
+                "environment variable. "
+                f"Pass url='dialect+driver://...' or engine=..., or set {ENV_VAR}."
+            )
+    return parse_url(url, cls_name=cls_name)
+
+
+def parse_url(url: str | URL, *, cls_name: str) -> URL:
+    """Parse ``url`` without ever echoing it back (it may hold a password)."""
+    if isinstance(url, URL):
+        return url
+    if not isinstance(url, str):
+        raise ValueError(
+            f"{cls_name}() expects the URL as a string or sqlalchemy.URL, "
+            f"not {type(url).__name__}. Pass url='dialect+driver://...'."
+        )
+    try:
+        parsed = make_url(url)
+        # Reading the port parses it; a bad one raises only here.
+        _ = parsed.port
+    except (ArgumentError, ValueError):
+        # Deliberately no chaining and no echo: the text may include a password.
+        raise ValueError(
+            f"{cls_name}() could not parse its database URL. "
+            "A SQLAlchemy URL looks like 'postgresql+asyncpg://user:password@host:5432/name' "
+            "or 'sqlite+aiosqlite:///./app.db'. "
+            "Check the URL's format (and percent-encode special characters in the password)."
+        ) from None
+    return parsed
+
+
+def safe_url(url: URL) -> str:
+    """Render ``url`` with its password masked, for ``repr`` and messages."""
+    return url.render_as_string(hide_password=True)
+
+
+def check_driver(url: URL, *, want_async: bool, cls_name: str) -> None:
+    """Raise ``ValueError`` if the URL's driver does not match the sync/async flavour."""
+    try:
+        # Resolving the dialect imports SQLAlchemy's dialect module, not the driver.
+        dialect = url.get_dialect(_is_async=want_async)
+    except NoSuchModuleError:
+        raise ValueError(
+            f"{cls_name}() does not know the database dialect {url.drivername!r}. "
+            "SQLAlchemy has no dialect registered under that name. "
+            "Check the spelling of the URL's 'dialect+driver' part."
+        ) from None
+    if want_async and not dialect.is_async:
+        raise ValueError(
+            f"AsyncDatabase() was given the sync driver {url.drivername!r}. "
+            "AsyncSession needs an asyncio driver. "
+            "Use an async driver such as 'sqlite+aiosqlite', 'postgresql+asyncpg' or "
+            "'postgresql+psycopg_async', or use Database() for sync code."
+        )
+    if not want_async and dialect.is_async:
+        raise ValueError(
+            f"Database() was given the async driver {url.drivername!r}. "
+            "A sync Session cannot drive an asyncio driver. "
+            "Use a sync driver such as 'sqlite' or 'postgresql+psycopg', "
+            "or use AsyncDatabase() for async code."
+        )
+
+
+def engine_kwargs(url: URL, options: Mapping[str, Any] | None, *, is_async: bool) -> dict[str, Any]:
+    """Our defaults for an engine we create, with the user's options layered on top."""
+    user = dict(options or {})
+    kwargs: dict[str, Any] = {}
+    backend = url.get_backend_name()
+    if backend in _SERVER_DIALECTS_WITHOUT_PRE_PING:
+        sizing = {"poolclass", "pool_size", "max_overflow", "pool_timeout"}
+        if not is_async and url.database in (None, "", ":memory:") and not sizing & user.keys():
+            # A sync in-memory database is per connection; requests run in many
+            # threads, so share one connection or each thread sees its own empty DB.
+            kwargs["poolclass"] = StaticPool
+        if not is_async:
+            connect_args = dict(user.pop("connect_args", None) or {})
+            connect_args.setdefault("check_same_thread", False)
+            kwargs["connect_args"] = connect_args
+    else:
+        kwargs["pool_pre_ping"] = True
+    # Bound parameters can hold user data (passwords, tokens): keep them out of
+    # exception messages and logs unless the user opts back in.
+    kwargs["hide_parameters"] = True
+    kwargs.update(user)
+    return kwargs

@@ -1,0 +1,144 @@
+"""``DBSessionMiddleware``: one lazily created session per HTTP request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._context import Holder
+from ._database import AsyncDatabase, Database
+from ._lifecycle import Lifecycle
+
+logger = logging.getLogger("middleware_sessions")
+
+
+def commit_below_400(status: int) -> bool:
+    """The default ``commit_on`` policy: commit for 1xx, 2xx and 3xx responses."""
+    return status < 400
+
+
+class _CommitFailed(BaseException):
+    """Carries a failed commit out of the app, past handlers that catch ``Exception``.
+
+    Starlette's exception wrappers would turn an ``Exception`` raised from ``send``
+    after the start message went through them into "Caught handled exception, but
+    response already started". The middleware swaps this back for the real error.
+    """
+
+
+class DBSessionMiddleware:
+    """Give each HTTP request its own ``db.session``, settled before the status is sent.
+
+    When the app sends ``http.response.start``, the transaction is committed if
+    ``commit_on(status)`` holds (default: status < 400) and rolled back otherwise;
+    only then is the message forwarded. A failed commit is rolled back and re-raised,
+    so the client gets a 500. The session is closed when the request ends, always.
+    Websocket and lifespan traffic pass through; an engine the database created is
+    disposed at lifespan shutdown.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        db: Database | AsyncDatabase,
+        commit_on: Callable[[int], bool] = commit_below_400,
+    ) -> None:
+        if not isinstance(db, (Database, AsyncDatabase)):
+            raise TypeError(
+                f"DBSessionMiddleware needs db=Database(...) or db=AsyncDatabase(...), "
+                f"not {type(db).__name__}. "
+                "Create one with AsyncDatabase('sqlite+aiosqlite:///./app.db') and pass it as db=."
+            )
+        if not callable(commit_on):
+            raise TypeError(
+                "DBSessionMiddleware's commit_on must be a callable taking the status code, "
+                "e.g. commit_on=lambda status: status < 400."
+            )
+        self.app = app
+        self.db = db
+        self.commit_on = commit_on
+        self._var: ContextVar[Holder[Any] | None] = db._var
+        self._lifecycle: Lifecycle[Any] = db._lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self.db.owns_engine:
+                send = self._dispose_at_shutdown(send)
+            await self.app(scope, receive, send)
+            return
+
+        holder: Holder[Any] = Holder()
+        token = self._var.set(holder)
+        lifecycle = self._lifecycle
+        response_started = False
+        commit_error: BaseException | None = None
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal response_started, commit_error
+            if commit_error is not None:
+                # The start message was replaced by an error; nothing may follow it.
+                return
+            if message["type"] == "http.response.start":
+                session = holder.session
+                if session is not None and session.in_transaction():
+                    # Don't send the status until the data it reports is settled.
+                    try:
+                        await lifecycle.settle(session, self.commit_on(message["status"]))
+                    except Exception as exc:
+                        commit_error = exc
+                        raise _CommitFailed from exc
+                response_started = True
+            await send(message)
+
+        app_failed = True
+        try:
+            try:
+                await self.app(scope, receive, send_wrapper)
+                app_failed = False
+            except BaseException:
+                if commit_error is None:
+                    raise
+            if commit_error is not None:
+                # Raised outside the except block, so the framework logs the real
+                # error and sends its 500 (the start message never went out).
+                raise commit_error
+        finally:
+            self._var.reset(token)
+            session = holder.close()
+            if session is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._end(session, scope, commit=response_started and not app_failed)
+
+    async def _end(self, session: Any, scope: Scope, *, commit: bool) -> None:
+        """Settle work done after the response started, then close the session."""
+        try:
+            await self._lifecycle.end(session, commit)
+        except Exception:
+            # The status is already on the wire; all that is left is to say so.
+            if commit:
+                message = (
+                    "Could not commit the database work done after the response to %s %s "
+                    "had started (streaming body or background task); it was rolled back."
+                )
+            else:
+                message = "Closing the database session of %s %s failed."
+            logger.error(message, scope.get("method"), scope.get("path"), exc_info=True)
+
+    def _dispose_at_shutdown(self, send: Send) -> Send:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    await self._lifecycle.dispose()
+                except Exception:
+                    logger.error(
+                        "Disposing of the database engine at shutdown failed.", exc_info=True
+                    )
+            await send(message)
+
+        return send_wrapper
