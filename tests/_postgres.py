@@ -188,8 +188,12 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:  # a postmaster that exited but was not reaped yet (zombie) is dead too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return True
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class PostgresServer:

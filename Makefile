@@ -1,0 +1,38 @@
+# Every target sets itself up: a fresh clone with only python3 is enough.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+STAMP  := $(VENV)/.installed
+
+.PHONY: test lint demo bench reliability clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e . --group dev
+	touch $(STAMP)
+
+## The whole suite, with branch coverage of the library.
+test: $(STAMP)
+	$(BIN)/python -m coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m coverage report --fail-under=95
+
+## Static checks on the library.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict middleware_sessions
+
+## The demo ledger service on PORT (default 8000).
+demo: $(STAMP)
+	@echo "demo_app: http://127.0.0.1:$(PORT)/docs"
+	$(BIN)/python -m demo_app --host 127.0.0.1 --port $(PORT)
+
+## Side-by-side benchmarks; writes benchmarks/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

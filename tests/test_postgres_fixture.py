@@ -1,0 +1,108 @@
+"""Self-tests for the throwaway PostgreSQL server in ``tests/_postgres.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+if __package__:  # tests/ is a package
+    from ._postgres import PostgresServer, skip_reason
+else:  # tests/ is on sys.path (pytest's default rootdir-relative import)
+    from _postgres import PostgresServer, skip_reason
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+def _scalar(url: str, sql: str) -> object:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(sql)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+async def _async_scalar(url: str, sql: str) -> object:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(sa.text(sql))).scalar_one()
+    finally:
+        await engine.dispose()
+
+
+def test_connect_with_every_driver_and_password_is_checked(pg: PostgresServer) -> None:
+    assert pg.url("asyncpg") == f"postgresql+asyncpg://app:app-secret-pw@127.0.0.1:{pg.port}/app"
+    assert _scalar(pg.url("psycopg"), "SELECT current_user") == "app"
+    assert asyncio.run(_async_scalar(pg.url("asyncpg"), "SELECT 1")) == 1
+    assert asyncio.run(_async_scalar(pg.url("psycopg_async"), "SELECT 1")) == 1
+    assert _scalar(pg.superuser_url("psycopg"), "SELECT current_user") == "postgres"
+
+    wrong_password = pg.url("psycopg").replace(pg.password, "wrong")
+    with pytest.raises(sa.exc.OperationalError, match="password authentication failed"):
+        _scalar(wrong_password, "SELECT 1")
+
+
+def test_create_database_is_owned_by_app_role(pg: PostgresServer) -> None:
+    pg.create_database("isolated_one")
+    try:
+        url = pg.url("psycopg", database="isolated_one")
+        owner = _scalar(
+            url,
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()",
+        )
+        assert owner == "app"
+    finally:
+        pg.drop_database("isolated_one")
+    with pytest.raises(ValueError, match="identifier"):
+        pg.create_database('x"; DROP DATABASE app; --')
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_restart_keeps_port_and_data(pg: PostgresServer, mode: str) -> None:
+    url, port = pg.url("psycopg"), pg.port
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE TABLE survivor_{mode} (value int)"))
+            conn.execute(sa.text(f"INSERT INTO survivor_{mode} VALUES (42)"))
+
+        pg.stop_server_only(mode)  # type: ignore[arg-type]
+        assert not pg.running
+        engine.dispose()
+        with pytest.raises(sa.exc.OperationalError), engine.connect():
+            pass
+
+        pg.start_again()
+        assert pg.running
+        assert pg.port == port
+        with engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT value FROM survivor_{mode}")).scalar_one() == 42
+    finally:
+        engine.dispose()
+
+
+def test_stop_is_idempotent_and_cleans_up() -> None:
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    tempdir = server.tempdir
+    assert server.running
+    server.stop()
+    server.stop()
+    assert not server.running
+    assert not tempdir.exists()
