@@ -50,6 +50,7 @@ __all__ = [
     "Driver",
     "PostgresServer",
     "PostgresServerError",
+    "ShutdownMode",
     "find_bindir",
     "skip_reason",
 ]
@@ -71,13 +72,14 @@ _SUPERUSER: Final = "postgres"
 _RUN_AS: Final = "postgres"  # system user that runs the server when we are root
 _TIMEOUT: Final = 30  # seconds, for every step of startup and shutdown
 
-# Speed over durability; the data directory is thrown away anyway.
+# Speed over durability against OS crashes (the data directory is thrown away
+# anyway).  synchronous_commit stays on: committed data must survive a server
+# crash (``stop_server_only("immediate")``), as it would in production.
 _DEFAULT_SETTINGS: Final[dict[str, str]] = {
     "listen_addresses": _HOST,
     "max_connections": "200",
     "shared_buffers": "32MB",
     "fsync": "off",
-    "synchronous_commit": "off",
     "full_page_writes": "off",
     "wal_level": "minimal",
     "max_wal_senders": "0",
@@ -214,7 +216,7 @@ class PostgresServer:
         settings: dict[str, str] | None = None,
     ) -> None:
         for identifier in (user, database):
-            self._check_identifier(identifier)
+            self._identifier(identifier)
         self.user: Final = user
         self.password: Final = password
         self.database: Final = database
@@ -303,9 +305,10 @@ class PostgresServer:
                     # Someone else grabbed the port between bind() and start.
                     if attempt == 2 or "could not bind" not in self._log_tail():
                         raise
+            user = self._identifier(self.user)
             self._psql(
-                f"CREATE ROLE {self.user} LOGIN PASSWORD {self._literal(self.password)}",
-                f"CREATE DATABASE {self.database} OWNER {self.user}",
+                f"CREATE ROLE {user} LOGIN PASSWORD {self._literal(self.password)}",
+                f"CREATE DATABASE {self._identifier(self.database)} OWNER {user}",
             )
         except BaseException:
             self.stop()
@@ -347,13 +350,11 @@ class PostgresServer:
 
     def create_database(self, name: str) -> None:
         """Create a new, empty database owned by the application role."""
-        self._check_identifier(name)
-        self._psql(f"CREATE DATABASE {name} OWNER {self.user}")
+        self._psql(f"CREATE DATABASE {self._identifier(name)} OWNER {self._identifier(self.user)}")
 
     def drop_database(self, name: str) -> None:
         """Drop a database, disconnecting its clients first."""
-        self._check_identifier(name)
-        self._psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        self._psql(f"DROP DATABASE IF EXISTS {self._identifier(name)} WITH (FORCE)")
 
     def terminate_connections(self, database: str | None = None) -> int:
         """Kill the backends of every client connection (of one database, if
@@ -388,9 +389,11 @@ class PostgresServer:
     # -- internals -------------------------------------------------------------
 
     @staticmethod
-    def _check_identifier(name: str) -> None:
+    def _identifier(name: str) -> str:
+        """``name`` quoted for SQL, after checking it is a plain identifier."""
         if not _IDENTIFIER.fullmatch(name):
             raise ValueError(f"not a plain lower-case SQL identifier: {name!r}")
+        return f'"{name}"'
 
     @staticmethod
     def _literal(value: str) -> str:
@@ -535,19 +538,19 @@ class PostgresServer:
         pid = self._postmaster_pid(datadir)
         if pid is None or not _pid_alive(pid):
             return
-        result = self._run(
-            self._as_server_user(
-                [
-                    self._binary("pg_ctl"),
-                    "stop",
-                    "--wait",
-                    f"--timeout={_TIMEOUT}",
-                    f"--mode={mode}",
-                    f"--pgdata={datadir}",
-                ]
-            )
-        )
-        if result.returncode != 0 and _pid_alive(pid):
+        command = [
+            self._binary("pg_ctl"),
+            "stop",
+            "--wait",
+            f"--timeout={_TIMEOUT}",
+            f"--mode={mode}",
+            f"--pgdata={datadir}",
+        ]
+        try:
+            stopped = self._run(self._as_server_user(command)).returncode == 0
+        except PostgresServerError:  # pg_ctl itself hung
+            stopped = False
+        if not stopped and _pid_alive(pid):
             # Last resort; children exit on their own once the postmaster dies.
             os.kill(pid, signal.SIGKILL)
 

@@ -9,10 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-if __package__:  # tests/ is a package
-    from ._postgres import PostgresServer, skip_reason
-else:  # tests/ is on sys.path (pytest's default rootdir-relative import)
-    from _postgres import PostgresServer, skip_reason
+from ._postgres import PostgresServer, ShutdownMode, skip_reason
 
 pytestmark = pytest.mark.postgres
 
@@ -72,7 +69,7 @@ def test_create_database_is_owned_by_app_role(pg: PostgresServer) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_restart_keeps_port_and_data(pg: PostgresServer, mode: str) -> None:
+def test_restart_keeps_port_and_data(pg: PostgresServer, mode: ShutdownMode) -> None:
     url, port = pg.url("psycopg"), pg.port
     engine = sa.create_engine(url)
     try:
@@ -80,7 +77,7 @@ def test_restart_keeps_port_and_data(pg: PostgresServer, mode: str) -> None:
             conn.execute(sa.text(f"CREATE TABLE survivor_{mode} (value int)"))
             conn.execute(sa.text(f"INSERT INTO survivor_{mode} VALUES (42)"))
 
-        pg.stop_server_only(mode)  # type: ignore[arg-type]
+        pg.stop_server_only(mode)
         assert not pg.running
         engine.dispose()
         with pytest.raises(sa.exc.OperationalError), engine.connect():

@@ -1,0 +1,107 @@
+"""Models and helpers the tests share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import ForeignKey, String, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware
+
+AnyDatabase = Database | AsyncDatabase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Parent(Base):
+    __tablename__ = "parents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Checked only at COMMIT: the honest way to make a real commit fail on both backends.
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("parents.id", deferrable=True, initially="DEFERRED"), default=None
+    )
+
+
+def make_app(db: AnyDatabase, **middleware_options: Any) -> FastAPI:
+    """A FastAPI app with the middleware installed for ``db``."""
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, db=db, **middleware_options)
+    return app
+
+
+def route(
+    app: FastAPI,
+    db: AnyDatabase,
+    path: str,
+    work: Callable[..., Any],
+    *,
+    method: str = "POST",
+    status_code: int = 200,
+) -> None:
+    """Add a route that runs ``work(session, name)`` on the request's session.
+
+    With ``Database`` it is a ``def`` route (run in the threadpool); with
+    ``AsyncDatabase`` an ``async def`` route calling ``db.session.run_sync``.
+    Either way ``work`` receives a sync ``Session`` view of ``db.session`` and
+    the ``name`` query parameter.
+    """
+    if isinstance(db, AsyncDatabase):
+        adb = db
+
+        async def async_endpoint(name: str = "") -> Any:
+            return await adb.session.run_sync(work, name)
+
+        endpoint: Callable[..., Any] = async_endpoint
+    else:
+        sdb = db
+
+        def sync_endpoint(name: str = "") -> Any:
+            return work(sdb.session, name)
+
+        endpoint = sync_endpoint
+    app.add_api_route(path, endpoint, methods=[method], status_code=status_code)
+
+
+def add_item(session: Session, name: str) -> dict[str, Any]:
+    """Insert an item and flush it, so a failing statement fails inside the route."""
+    item = Item(name=name)
+    session.add(item)
+    session.flush()
+    return {"id": item.id, "name": name}
+
+
+def add_orphan(session: Session, name: str) -> dict[str, Any]:
+    """Insert an item whose parent does not exist: the flush passes, the COMMIT fails."""
+    return add_item_with_parent(session, name, parent_id=999_999)
+
+
+def add_item_with_parent(session: Session, name: str, parent_id: int) -> dict[str, Any]:
+    item = Item(name=name, parent_id=parent_id)
+    session.add(item)
+    session.flush()
+    return {"id": item.id, "name": name}
+
+
+async def committed_names(db: AnyDatabase) -> set[str]:
+    """Item names a brand-new session sees: what a later request would read."""
+    if isinstance(db, AsyncDatabase):
+        async with db.sessionmaker() as session:
+            return set((await session.scalars(select(Item.name))).all())
+    with db.sessionmaker() as sync_session:
+        return set(sync_session.scalars(select(Item.name)))
+
+
+def checked_out(db: AnyDatabase) -> int:
+    """Connections currently checked out of the database's pool."""
+    return db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
