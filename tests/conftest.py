@@ -83,7 +83,9 @@ async def make_database(
     made: list[AnyDatabase] = []
 
     def make(**kwargs: Any) -> AnyDatabase:
-        db: AnyDatabase = Database(url, **kwargs) if flavour == "sync" else AsyncDatabase(url, **kwargs)
+        db: AnyDatabase = (
+            Database(url, **kwargs) if flavour == "sync" else AsyncDatabase(url, **kwargs)
+        )
         engine = db.engine if isinstance(db, Database) else db.engine.sync_engine
         if backend == "sqlite":
             _enforce_sqlite_foreign_keys(engine)

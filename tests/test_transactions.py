@@ -12,7 +12,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from .helpers import AnyDatabase, add_item, add_orphan, checked_out, committed_names, make_app, route
+from .helpers import (
+    AnyDatabase,
+    add_item,
+    add_orphan,
+    checked_out,
+    committed_names,
+    make_app,
+    route,
+)
 
 Client = Callable[[FastAPI], httpx.AsyncClient]
 
@@ -30,7 +38,9 @@ def add_then_crash(session: Session, name: str) -> Any:
     raise ZeroDivisionError("boom")
 
 
-async def test_commits_when_the_response_is_a_success(database: AnyDatabase, client: Client) -> None:
+async def test_commits_when_the_response_is_a_success(
+    database: AnyDatabase, client: Client
+) -> None:
     app = make_app(database)
     route(app, database, "/items", add_item, status_code=201)
 
@@ -80,7 +90,9 @@ async def test_exception_escaping_the_app_reaches_the_caller(database: AnyDataba
     assert await committed_names(database) == set()
 
 
-async def test_commit_on_decides_which_statuses_commit(database: AnyDatabase, client: Client) -> None:
+async def test_commit_on_decides_which_statuses_commit(
+    database: AnyDatabase, client: Client
+) -> None:
     app = make_app(database, commit_on=lambda status: status < 300 or status == 409)
     route(app, database, "/conflict", add_then_fail(409))
     route(app, database, "/moved", add_item, status_code=302)
@@ -140,7 +152,9 @@ async def test_failed_commit_is_a_500_even_with_a_sqlalchemy_error_handler(
     assert checked_out(database) == 0
 
 
-async def test_failed_commit_reaches_the_server_as_the_database_error(database: AnyDatabase) -> None:
+async def test_failed_commit_reaches_the_server_as_the_database_error(
+    database: AnyDatabase,
+) -> None:
     app = make_app(database)
     route(app, database, "/items", add_orphan, status_code=201)
     transport = httpx.ASGITransport(app=app)
