@@ -275,8 +275,12 @@ def test_no_password_in_logs_when_the_server_is_unreachable(
         engine_options={"connect_args": {"connect_timeout": 1}},
     )
 
-    with caplog.at_level(logging.DEBUG), pytest.raises(Exception) as info, db.session_scope() as s:
-        s.connection()
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(OperationalError) as info,
+        db.session_scope() as session,
+    ):
+        session.connection()
 
     assert SECRET not in str(info.value)
     assert SECRET not in caplog.text
