@@ -2,7 +2,14 @@
 
 from ._database import AsyncDatabase, Database
 from ._middleware import DBSessionMiddleware
+from ._policy import transaction_policy
 from .exceptions import MissingSessionError
 
-__all__ = ["AsyncDatabase", "DBSessionMiddleware", "Database", "MissingSessionError"]
+__all__ = [
+    "AsyncDatabase",
+    "DBSessionMiddleware",
+    "Database",
+    "MissingSessionError",
+    "transaction_policy",
+]
 __version__ = "0.1.0"

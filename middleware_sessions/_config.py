@@ -10,8 +10,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import URL, make_url
+from sqlalchemy import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 ENV_VAR = "DATABASE_URL"
@@ -95,6 +96,28 @@ def check_driver(url: URL, *, want_async: bool, cls_name: str) -> None:
             "Use a sync driver such as 'sqlite' or 'postgresql+psycopg', "
             "or use AsyncDatabase() for async code."
         )
+
+
+def check_engine(engine: object, *, want_async: bool, cls_name: str) -> None:
+    """Raise ``ValueError`` unless ``engine`` is an engine of the right flavour."""
+    if isinstance(engine, AsyncEngine if want_async else Engine):
+        return
+    if isinstance(engine, AsyncEngine):
+        raise ValueError(
+            "Database() was given an AsyncEngine. "
+            "A sync Session cannot use an async engine. "
+            "Use AsyncDatabase(engine=...) for it, or pass a sync Engine."
+        )
+    if isinstance(engine, Engine):
+        raise ValueError(
+            "AsyncDatabase() was given a sync Engine. "
+            "AsyncSession needs an AsyncEngine. "
+            "Use Database(engine=...) for it, or create the engine with create_async_engine()."
+        )
+    expected = "AsyncEngine" if want_async else "Engine"
+    raise ValueError(
+        f"{cls_name}() expects engine to be a sqlalchemy {expected}, not {type(engine).__name__}."
+    )
 
 
 def engine_kwargs(url: URL, options: Mapping[str, Any] | None, *, is_async: bool) -> dict[str, Any]:

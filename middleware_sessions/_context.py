@@ -20,11 +20,12 @@ S = TypeVar("S", Session, AsyncSession)
 class Holder(Generic[S]):
     """The session slot of one request or one ``session_scope()``."""
 
-    __slots__ = ("open", "session")
+    __slots__ = ("open", "rollback_only", "session")
 
     def __init__(self, session: S | None = None) -> None:
         self.session: S | None = session
         self.open = True
+        self.rollback_only = False
 
     def close(self) -> S | None:
         """Empty the slot for good and return what it held."""

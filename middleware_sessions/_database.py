@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._config import check_driver, engine_kwargs, resolve_url, safe_url
+from . import _hooks
+from ._config import check_driver, check_engine, engine_kwargs, resolve_url, safe_url
 from ._context import Holder, S
 from ._lifecycle import (
     AsyncLifecycle,
@@ -32,12 +33,11 @@ from .exceptions import NO_SESSION, SESSION_CLOSED, MissingSessionError
 
 
 class _BaseDatabase(Generic[S]):
-    """What ``Database`` and ``AsyncDatabase`` share: ``db.session`` and bookkeeping."""
+    """What ``Database`` and ``AsyncDatabase`` share: ``db.session`` and its bookkeeping."""
 
     _is_async: ClassVar[bool]
+    engine: Engine | AsyncEngine
     _lifecycle: Lifecycle[S]
-    _url: URL | None
-    _engine: Engine | AsyncEngine
     _new_session: Callable[[], S]
 
     def __init__(
@@ -48,23 +48,29 @@ class _BaseDatabase(Generic[S]):
     ) -> None:
         name = type(self).__name__
         self._url = resolve_url(url, engine_given=engine is not None, cls_name=name)
-        if engine is not None:
-            if engine_options:
-                raise ValueError(
-                    f"{name}() got engine_options together with an engine. "
-                    "Options only apply to an engine the database creates itself. "
-                    "Configure your engine when you create it, or pass a URL instead."
-                )
-            self._check_engine(engine)
-        else:
-            assert self._url is not None
+        if self._url is not None:
             check_driver(self._url, want_async=self._is_async, cls_name=name)
-        # An engine passed in belongs to the caller; one we create is ours to dispose.
+        elif engine_options:
+            raise ValueError(
+                f"{name}() got engine_options together with an engine. "
+                "Options only apply to an engine the database creates itself. "
+                "Configure your engine when you create it, or pass a URL instead."
+            )
+        else:
+            check_engine(engine, want_async=self._is_async, cls_name=name)
         self.owns_engine = engine is None
+        """Whether the engine was created here (and so is disposed at lifespan shutdown)."""
         self._var: ContextVar[Holder[S] | None] = ContextVar(f"middleware_sessions.{name}")
 
-    def _check_engine(self, engine: object) -> None:
-        raise NotImplementedError
+    def _engine_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        assert self._url is not None
+        return engine_kwargs(self._url, options, is_async=self._is_async)
+
+    def _holder(self) -> Holder[S]:
+        holder = self._var.get(None)
+        if holder is None:
+            raise MissingSessionError(NO_SESSION)
+        return holder
 
     @property
     def session(self) -> S:
@@ -82,12 +88,35 @@ class _BaseDatabase(Generic[S]):
             session = holder.session = self._new_session()
         return session
 
+    def on_commit(self, hook: Callable[[], Any]) -> None:
+        """Call ``hook()`` once the current transaction has committed; never if it rolls back.
+
+        Hooks run in registration order after the session is closed (in a request:
+        after the response). Async functions are awaited; plain ones run in a worker
+        thread. A failing hook is logged and changes nothing: the data is committed.
+        """
+        _hooks.register(self._sync_session(self.session), "commit", hook)
+
+    def on_rollback(self, hook: Callable[[], Any]) -> None:
+        """Call ``hook()`` once the current transaction has rolled back; never if it commits."""
+        _hooks.register(self._sync_session(self.session), "rollback", hook)
+
+    def rollback_only(self) -> None:
+        """Roll back the current request's (or scope's) transaction, whatever the status.
+
+        For dry runs and previews: the route runs for real, nothing is kept.
+        """
+        self._holder().rollback_only = True
+
+    def _sync_session(self, session: S) -> Session:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         name = type(self).__name__
         if self._url is not None:
             return f"{name}({safe_url(self._url)!r})"
         # SQLAlchemy's Engine repr already masks the password.
-        return f"{name}(engine={self._engine!r})"
+        return f"{name}(engine={self.engine!r})"
 
 
 class Database(_BaseDatabase[Session]):
@@ -115,25 +144,16 @@ class Database(_BaseDatabase[Session]):
         super().__init__(url, engine, engine_options)
         if engine is None:
             assert self._url is not None
-            engine = create_engine(
-                self._url, **engine_kwargs(self._url, engine_options, is_async=False)
-            )
-        self.engine = self._engine = engine
+            engine = create_engine(self._url, **self._engine_options(engine_options))
+        self.engine = engine
+        # sessionmaker makes a subclass of its own: our event listeners stay on it.
         self.sessionmaker = sessionmaker(engine, **dict(session_options or {}))
+        _hooks.install(self.sessionmaker.class_)
         self._new_session = self.sessionmaker
         self._lifecycle = SyncLifecycle(engine)
 
-    def _check_engine(self, engine: object) -> None:
-        if isinstance(engine, AsyncEngine):
-            raise ValueError(
-                "Database() was given an AsyncEngine. "
-                "A sync Session cannot use an async engine. "
-                "Use AsyncDatabase(engine=...) for it, or pass a sync Engine."
-            )
-        if not isinstance(engine, Engine):
-            raise ValueError(
-                f"Database() expects engine to be a sqlalchemy Engine, not {type(engine).__name__}."
-            )
+    def _sync_session(self, session: Session) -> Session:
+        return session
 
     @contextmanager
     def session_scope(self) -> Iterator[Session]:
@@ -141,19 +161,18 @@ class Database(_BaseDatabase[Session]):
 
         Inside the block ``db.session`` is this session.
         """
-        holder = Holder(self.sessionmaker())
-        token = self._var.set(holder)
+        holder: Holder[Session] = Holder(self.sessionmaker())
         session = holder.session
         assert session is not None
-        failed = True
+        token = self._var.set(holder)
         try:
             yield session
-            settle_sync(session, commit=True)
-            failed = False
+            settle_sync(session, commit=not holder.rollback_only)
         finally:
             self._var.reset(token)
             holder.close()
-            end_sync(session, commit=not failed)
+            end_sync(session, commit=False)
+            _hooks.run_sync(_hooks.take_ready(session), "a session_scope()")
 
 
 class AsyncDatabase(_BaseDatabase[AsyncSession]):
@@ -180,27 +199,19 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
         super().__init__(url, engine, engine_options)
         if engine is None:
             assert self._url is not None
-            engine = create_async_engine(
-                self._url, **engine_kwargs(self._url, engine_options, is_async=True)
-            )
-        self.engine = self._engine = engine
-        options = {"expire_on_commit": False, **(session_options or {})}
+            engine = create_async_engine(self._url, **self._engine_options(engine_options))
+        self.engine = engine
+        options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
+        # A sync session class of our own, so our event listeners stay on it.
+        base: type[Session] = options.get("sync_session_class", Session)
+        options["sync_session_class"] = type(base.__name__, (base,), {})
+        _hooks.install(options["sync_session_class"])
         self.sessionmaker = async_sessionmaker(engine, **options)
         self._new_session = self.sessionmaker
         self._lifecycle = AsyncLifecycle(engine)
 
-    def _check_engine(self, engine: object) -> None:
-        if isinstance(engine, Engine):
-            raise ValueError(
-                "AsyncDatabase() was given a sync Engine. "
-                "AsyncSession needs an AsyncEngine. "
-                "Use Database(engine=...) for it, or create the engine with create_async_engine()."
-            )
-        if not isinstance(engine, AsyncEngine):
-            raise ValueError(
-                "AsyncDatabase() expects engine to be a sqlalchemy AsyncEngine, "
-                f"not {type(engine).__name__}."
-            )
+    def _sync_session(self, session: AsyncSession) -> Session:
+        return session.sync_session
 
     @asynccontextmanager
     async def session_scope(self) -> AsyncIterator[AsyncSession]:
@@ -208,18 +219,17 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
 
         Inside the block ``db.session`` is this session.
         """
-        holder = Holder(self.sessionmaker())
-        token = self._var.set(holder)
+        holder: Holder[AsyncSession] = Holder(self.sessionmaker())
         session = holder.session
         assert session is not None
-        failed = True
+        token = self._var.set(holder)
         try:
             yield session
-            await settle_async(session, commit=True)
-            failed = False
+            await settle_async(session, commit=not holder.rollback_only)
         finally:
             self._var.reset(token)
             holder.close()
             # Clean up even when the block was cancelled.
             with anyio.CancelScope(shield=True):
-                await end_async(session, commit=not failed)
+                await end_async(session, commit=False)
+            await _hooks.run_async(_hooks.take_ready(session.sync_session), "a session_scope()")

@@ -1,16 +1,16 @@
 """The one place where sync and async sessions differ.
 
-The middleware and ``session_scope()`` call the same small interface:
-``settle`` (commit or roll back, at ``http.response.start``), ``end`` (settle
-what is left, then close) and ``dispose``. A sync ``Session`` does its I/O in a
-worker thread, so the event loop never blocks; it hops at most once per call and
-not at all when there is no transaction (closing such a session does no I/O).
+The middleware calls the same small interface for both: ``settle`` (commit or
+roll back, at ``http.response.start``), ``end`` (settle what is left, then
+close), ``run_hooks`` and ``dispose``. A sync ``Session`` does its I/O in a
+worker thread so the event loop never blocks: at most one hop per call, and none
+when there is no transaction (closing such a session does no I/O).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Generic, TypeVar
+from typing import Protocol, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import Engine
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 logger = logging.getLogger("middleware_sessions")
 
-S = TypeVar("S", Session, AsyncSession)
+S = TypeVar("S", Session, AsyncSession, contravariant=True)
 
 _ROLLBACK_FAILED = "Rolling back a database session failed; its connection will be discarded."
 
@@ -37,7 +37,7 @@ def settle_sync(session: Session, commit: bool) -> None:
 
 
 def rollback_sync(session: Session) -> None:
-    """Roll back; a failure here is logged, not raised (nothing was written either way)."""
+    """Roll back; a failure is logged, not raised (nothing was written either way)."""
     try:
         session.rollback()
     except Exception:
@@ -82,23 +82,20 @@ async def end_async(session: AsyncSession, commit: bool) -> None:
         await session.close()
 
 
-class Lifecycle(Generic[S]):
+class Lifecycle(Protocol[S]):
     """How the middleware settles and closes one kind of session."""
 
     async def settle(self, session: S, commit: bool) -> None:
         """Commit or roll back; a failed commit is rolled back and re-raised."""
-        raise NotImplementedError
 
     async def end(self, session: S, commit: bool) -> None:
         """Settle any open transaction, then close the session."""
-        raise NotImplementedError
 
     async def dispose(self) -> None:
         """Dispose of the engine's pool."""
-        raise NotImplementedError
 
 
-class SyncLifecycle(Lifecycle[Session]):
+class SyncLifecycle:
     """``Session`` I/O in a worker thread, at most one hop per call."""
 
     def __init__(self, engine: Engine) -> None:
@@ -118,7 +115,7 @@ class SyncLifecycle(Lifecycle[Session]):
         await anyio.to_thread.run_sync(self._engine.dispose)
 
 
-class AsyncLifecycle(Lifecycle[AsyncSession]):
+class AsyncLifecycle:
     """``AsyncSession`` I/O awaited on the event loop."""
 
     def __init__(self, engine: AsyncEngine) -> None:

@@ -12,7 +12,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import Holder
 from ._database import AsyncDatabase, Database
+from ._hooks import run_async as run_hooks
+from ._hooks import take_ready
 from ._lifecycle import Lifecycle
+from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
+from ._policy import Policy
 
 logger = logging.getLogger("middleware_sessions")
 
@@ -63,8 +67,6 @@ class DBSessionMiddleware:
         self.app = app
         self.db = db
         self.commit_on = commit_on
-        self._var: ContextVar[Holder[Any] | None] = db._var
-        self._lifecycle: Lifecycle[Any] = db._lifecycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,9 +75,11 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
+        db = self.db
+        var: ContextVar[Holder[Any] | None] = db._var
         holder: Holder[Any] = Holder()
-        token = self._var.set(holder)
-        lifecycle = self._lifecycle
+        token = var.set(holder)
+        lifecycle: Lifecycle[Any] = db._lifecycle
         response_started = False
         commit_error: BaseException | None = None
 
@@ -89,7 +93,9 @@ class DBSessionMiddleware:
                 if session is not None and session.in_transaction():
                     # Don't send the status until the data it reports is settled.
                     try:
-                        await lifecycle.settle(session, self.commit_on(message["status"]))
+                        commit = self._decide(scope, message["status"], holder)
+                        if commit is not None:
+                            await lifecycle.settle(session, commit)
                     except Exception as exc:
                         commit_error = exc
                         raise _CommitFailed from exc
@@ -109,16 +115,33 @@ class DBSessionMiddleware:
                 # error and sends its 500 (the start message never went out).
                 raise commit_error
         finally:
-            self._var.reset(token)
+            var.reset(token)
             session = holder.close()
             if session is not None:
+                commit = response_started and not app_failed and not holder.rollback_only
                 with anyio.CancelScope(shield=True):
-                    await self._end(session, scope, commit=response_started and not app_failed)
+                    await self._end(session, scope, commit=commit)
+                hooks = take_ready(db._sync_session(session))
+                if hooks:
+                    await run_hooks(hooks, f"{scope.get('method')} {scope.get('path')}")
+
+    def _decide(self, scope: Scope, status: int, holder: Holder[Any]) -> bool | None:
+        """Commit (True), roll back now (False), or leave it to the end (None)."""
+        if holder.rollback_only:
+            return False
+        policy: Policy | None = getattr(scope.get("endpoint"), POLICY_ATTRIBUTE, None)
+        if policy is None:
+            return self.commit_on(status)
+        if policy.commit_on is not None:
+            return policy.commit_on(status)
+        # Read-only: nothing to make durable, so don't hold the status for a round-trip.
+        holder.rollback_only = True
+        return None
 
     async def _end(self, session: Any, scope: Scope, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session."""
         try:
-            await self._lifecycle.end(session, commit)
+            await self.db._lifecycle.end(session, commit)
         except Exception:
             # The status is already on the wire; all that is left is to say so.
             if commit:
@@ -134,7 +157,7 @@ class DBSessionMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 try:
-                    await self._lifecycle.dispose()
+                    await self.db._lifecycle.dispose()
                 except Exception:
                     logger.error(
                         "Disposing of the database engine at shutdown failed.", exc_info=True
