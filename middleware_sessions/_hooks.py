@@ -54,7 +54,7 @@ def take_ready(session: Session) -> list[Hook]:
 
 
 def _after_commit(session: Session) -> None:
-    if session.in_transaction():
+    if session.in_nested_transaction():
         return  # a savepoint was released; the outer transaction goes on
     _resolve(session, "commit")
 
