@@ -37,15 +37,31 @@ class _BaseDatabase(Generic[S]):
 
     _is_async: ClassVar[bool]
     engine: Engine | AsyncEngine
+    owns_engine: bool
+    _url: URL | None
     _lifecycle: Lifecycle[S]
     _new_session: Callable[[], S]
 
     def __init__(
         self,
         url: str | URL | None,
-        engine: Engine | AsyncEngine | None,
+        engine: Any,
         engine_options: Mapping[str, Any] | None,
+        session_options: Mapping[str, Any] | None,
     ) -> None:
+        self._var: ContextVar[Holder[S] | None] = ContextVar(
+            f"middleware_sessions.{type(self).__name__}"
+        )
+        self._configure(url, engine, engine_options, session_options)
+
+    def _configure(
+        self,
+        url: str | URL | None,
+        engine: Any,
+        engine_options: Mapping[str, Any] | None,
+        session_options: Mapping[str, Any] | None,
+    ) -> None:
+        """Validate the arguments, then set the engine, factory and lifecycle."""
         name = type(self).__name__
         self._url = resolve_url(url, engine_given=engine is not None, cls_name=name)
         if self._url is not None:
@@ -58,13 +74,49 @@ class _BaseDatabase(Generic[S]):
             )
         else:
             check_engine(engine, want_async=self._is_async, cls_name=name)
+        # An engine created here is ours to dispose (at lifespan shutdown); a given one is not.
         self.owns_engine = engine is None
-        """Whether the engine was created here (and so is disposed at lifespan shutdown)."""
-        self._var: ContextVar[Holder[S] | None] = ContextVar(f"middleware_sessions.{name}")
+        if engine is None:
+            assert self._url is not None
+            options = engine_kwargs(self._url, engine_options, is_async=self._is_async)
+            engine = self._create_engine(self._url, options)
+        self._set_engine(engine, dict(session_options or {}))
 
-    def _engine_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
-        assert self._url is not None
-        return engine_kwargs(self._url, options, is_async=self._is_async)
+    def _create_engine(self, url: URL, options: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _set_engine(self, engine: Any, session_options: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def override(
+        self,
+        url: str | URL | None = None,
+        *,
+        engine: Engine | AsyncEngine | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        session_options: Mapping[str, Any] | None = None,
+    ) -> Override:
+        """Point this database somewhere else until the block ends (for tests).
+
+        Takes the constructor's arguments (``url`` or ``engine``, no environment
+        fallback). Use ``with`` for ``Database``, ``async with`` for
+        ``AsyncDatabase``; an engine created for the override is disposed at the end.
+        """
+        if url is None and engine is None:
+            raise ValueError(
+                "override() needs url=... or engine=... to point the database at. "
+                "It does not read DATABASE_URL, so a test cannot silently hit the real database."
+            )
+        return Override(self, url, engine, engine_options, session_options)
+
+    _STATE = ("engine", "sessionmaker", "_new_session", "_lifecycle", "_url", "owns_engine")
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def _holder(self) -> Holder[S]:
         holder = self._var.get(None)
@@ -141,13 +193,15 @@ class Database(_BaseDatabase[Session]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(url, engine, engine_options)
-        if engine is None:
-            assert self._url is not None
-            engine = create_engine(self._url, **self._engine_options(engine_options))
+        super().__init__(url, engine, engine_options, session_options)
+
+    def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
+        return create_engine(url, **options)
+
+    def _set_engine(self, engine: Engine, session_options: dict[str, Any]) -> None:
         self.engine = engine
         # sessionmaker makes a subclass of its own: our event listeners stay on it.
-        self.sessionmaker = sessionmaker(engine, **dict(session_options or {}))
+        self.sessionmaker = sessionmaker(engine, **session_options)
         _hooks.install(self.sessionmaker.class_)
         self._new_session = self.sessionmaker
         self._lifecycle = SyncLifecycle(engine)
@@ -196,12 +250,14 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(url, engine, engine_options)
-        if engine is None:
-            assert self._url is not None
-            engine = create_async_engine(self._url, **self._engine_options(engine_options))
+        super().__init__(url, engine, engine_options, session_options)
+
+    def _create_engine(self, url: URL, options: dict[str, Any]) -> AsyncEngine:
+        return create_async_engine(url, **options)
+
+    def _set_engine(self, engine: AsyncEngine, session_options: dict[str, Any]) -> None:
         self.engine = engine
-        options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
+        options: dict[str, Any] = {"expire_on_commit": False, **session_options}
         # A sync session class of our own, so our event listeners stay on it.
         base: type[Session] = options.get("sync_session_class", Session)
         options["sync_session_class"] = type(base.__name__, (base,), {})
@@ -233,3 +289,58 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
             with anyio.CancelScope(shield=True):
                 await end_async(session, commit=False)
             await _hooks.run_async(_hooks.take_ready(session.sync_session), "a session_scope()")
+
+
+class Override:
+    """``db.override(...)``: the database points elsewhere inside the block."""
+
+    def __init__(
+        self,
+        db: _BaseDatabase[Any],
+        url: str | URL | None,
+        engine: Engine | AsyncEngine | None,
+        engine_options: Mapping[str, Any] | None,
+        session_options: Mapping[str, Any] | None,
+    ) -> None:
+        self._db = db
+        self._args = (url, engine, engine_options, session_options)
+        self._saved: dict[str, Any] | None = None
+
+    def _enter(self) -> None:
+        if self._saved is not None:
+            raise RuntimeError("This override is already active; call db.override() again.")
+        saved = self._db._snapshot()
+        self._db._configure(*self._args)
+        self._saved = saved
+
+    def _leave(self) -> Engine | AsyncEngine | None:
+        """Restore the database; return the override's engine if it must be disposed."""
+        assert self._saved is not None
+        engine = self._db.engine if self._db.owns_engine else None
+        self._db._restore(self._saved)
+        self._saved = None
+        return engine
+
+    def __enter__(self) -> None:
+        if self._db._is_async and self._args[0] is not None:
+            raise TypeError(
+                "Use 'async with db.override(url)' for an AsyncDatabase. "
+                "The engine created for the override must be disposed with await. "
+                "Or pass engine=... that you dispose of yourself, and keep 'with'."
+            )
+        self._enter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        engine = self._leave()
+        if isinstance(engine, Engine):
+            engine.dispose()
+
+    async def __aenter__(self) -> None:
+        self._enter()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        engine = self._leave()
+        if isinstance(engine, AsyncEngine):
+            await engine.dispose()
+        elif isinstance(engine, Engine):
+            await anyio.to_thread.run_sync(engine.dispose)
