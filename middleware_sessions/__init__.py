@@ -3,10 +3,12 @@
 from ._database import AsyncDatabase, Database
 from ._middleware import DBSessionMiddleware
 from ._policy import transaction_policy
-from .exceptions import MissingSessionError
+from .exceptions import BlockingSessionWarning, ConcurrentSessionError, MissingSessionError
 
 __all__ = [
     "AsyncDatabase",
+    "BlockingSessionWarning",
+    "ConcurrentSessionError",
     "DBSessionMiddleware",
     "Database",
     "MissingSessionError",

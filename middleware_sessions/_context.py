@@ -20,12 +20,14 @@ S = TypeVar("S", Session, AsyncSession)
 class Holder(Generic[S]):
     """The session slot of one request or one ``session_scope()``."""
 
-    __slots__ = ("open", "rollback_only", "session")
+    __slots__ = ("open", "owner", "rollback_only", "session")
 
-    def __init__(self, session: S | None = None) -> None:
+    def __init__(self, session: S | None = None, owner: object = None) -> None:
         self.session: S | None = session
         self.open = True
         self.rollback_only = False
+        # The ASGI scope of the request that set this holder (None for a session_scope()).
+        self.owner = owner
 
     def close(self) -> S | None:
         """Empty the slot for good and return what it held."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any, ClassVar, Generic
+from typing import Any, ClassVar, Generic, Literal
 
 import anyio
 from sqlalchemy import URL, Engine, create_engine
@@ -29,7 +32,18 @@ from ._lifecycle import (
     settle_async,
     settle_sync,
 )
-from .exceptions import NO_SESSION, SESSION_CLOSED, MissingSessionError
+from .exceptions import (
+    BLOCKING_USE,
+    NO_SESSION,
+    OTHER_DATABASE,
+    SESSION_CLOSED,
+    BlockingSessionWarning,
+    MissingSessionError,
+)
+
+_running_loop = asyncio._get_running_loop  # the fast check, without raising
+# Every database, so a missing session can say which other database's middleware ran.
+_DATABASES: weakref.WeakSet[_BaseDatabase[Any]] = weakref.WeakSet()
 
 
 class _BaseDatabase(Generic[S]):
@@ -39,8 +53,9 @@ class _BaseDatabase(Generic[S]):
     engine: Engine | AsyncEngine
     owns_engine: bool
     _url: URL | None
+    sessionmaker: Callable[..., S]
     _lifecycle: Lifecycle[S]
-    _new_session: Callable[[], S]
+    _check_loop = False
 
     def __init__(
         self,
@@ -53,6 +68,7 @@ class _BaseDatabase(Generic[S]):
             f"middleware_sessions.{type(self).__name__}"
         )
         self._configure(url, engine, engine_options, session_options)
+        _DATABASES.add(self)
 
     def _configure(
         self,
@@ -109,7 +125,7 @@ class _BaseDatabase(Generic[S]):
             )
         return Override(self, url, engine, engine_options, session_options)
 
-    _STATE = ("engine", "sessionmaker", "_new_session", "_lifecycle", "_url", "owns_engine")
+    _STATE = ("engine", "sessionmaker", "_lifecycle", "_url", "owns_engine")
 
     def _snapshot(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._STATE}
@@ -121,7 +137,7 @@ class _BaseDatabase(Generic[S]):
     def _holder(self) -> Holder[S]:
         holder = self._var.get(None)
         if holder is None:
-            raise MissingSessionError(NO_SESSION)
+            raise self._missing()
         return holder
 
     @property
@@ -132,13 +148,26 @@ class _BaseDatabase(Generic[S]):
         """
         holder = self._var.get(None)
         if holder is None:
-            raise MissingSessionError(NO_SESSION)
+            raise self._missing()
         session = holder.session
         if session is None:
             if not holder.open:
                 raise MissingSessionError(SESSION_CLOSED)
-            session = holder.session = self._new_session()
+            # A closed request session must fail loudly, never quietly start over.
+            session = holder.session = self.sessionmaker(close_resets_only=False)
+        if self._check_loop and _running_loop() is not None:
+            self._used_on_event_loop()
         return session
+
+    def _missing(self) -> MissingSessionError:
+        others = [db for db in list(_DATABASES) if db is not self and db._var.get(None) is not None]
+        if others:
+            names = ", ".join(repr(db) for db in others)
+            return MissingSessionError(OTHER_DATABASE.format(db=self, others=names))
+        return MissingSessionError(NO_SESSION)
+
+    def _used_on_event_loop(self) -> None:
+        raise NotImplementedError
 
     def on_commit(self, hook: Callable[[], Any]) -> None:
         """Call ``hook()`` once the current transaction has committed; never if it rolls back.
@@ -176,7 +205,9 @@ class Database(_BaseDatabase[Session]):
 
     The database is ``url``, else ``engine``, else the ``DATABASE_URL`` environment
     variable. ``engine_options`` go to ``create_engine``; ``session_options`` to
-    ``sessionmaker``.
+    ``sessionmaker``. ``on_event_loop`` says what happens when ``db.session`` is used
+    on the event loop thread (an ``async def`` route), where it would block every
+    other request: ``"warn"`` (a ``BlockingSessionWarning``), ``"raise"`` or ``"ignore"``.
     """
 
     _is_async = False
@@ -192,8 +223,22 @@ class Database(_BaseDatabase[Session]):
         engine: Engine | None = None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        on_event_loop: Literal["warn", "raise", "ignore"] = "warn",
     ) -> None:
+        if on_event_loop not in ("warn", "raise", "ignore"):
+            raise ValueError(
+                f"Database() got on_event_loop={on_event_loop!r}; "
+                "it must be 'warn', 'raise' or 'ignore'."
+            )
+        self._on_event_loop = on_event_loop
+        self._check_loop = on_event_loop != "ignore"
         super().__init__(url, engine, engine_options, session_options)
+
+    def _used_on_event_loop(self) -> None:
+        if self._on_event_loop == "raise":
+            raise RuntimeError(BLOCKING_USE)
+        # Through the warnings filters: shown once per call site by default.
+        warnings.warn(BLOCKING_USE, BlockingSessionWarning, stacklevel=3)
 
     def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
         return create_engine(url, **options)
@@ -203,7 +248,6 @@ class Database(_BaseDatabase[Session]):
         # sessionmaker makes a subclass of its own: our event listeners stay on it.
         self.sessionmaker = sessionmaker(engine, **session_options)
         _hooks.install(self.sessionmaker.class_)
-        self._new_session = self.sessionmaker
         self._lifecycle = SyncLifecycle(engine)
 
     def _sync_session(self, session: Session) -> Session:
@@ -263,7 +307,6 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
         options["sync_session_class"] = type(base.__name__, (base,), {})
         _hooks.install(options["sync_session_class"])
         self.sessionmaker = async_sessionmaker(engine, **options)
-        self._new_session = self.sessionmaker
         self._lifecycle = AsyncLifecycle(engine)
 
     def _sync_session(self, session: AsyncSession) -> Session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
@@ -12,11 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import Holder
 from ._database import AsyncDatabase, Database
+from ._diagnostics import describe_discarded, is_concurrent_use
 from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
 from ._lifecycle import Lifecycle
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
+from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 
 logger = logging.getLogger("middleware_sessions")
 
@@ -24,6 +27,10 @@ logger = logging.getLogger("middleware_sessions")
 def commit_below_400(status: int) -> bool:
     """The default ``commit_on`` policy: commit for 1xx, 2xx and 3xx responses."""
     return status < 400
+
+
+# Up to about 3 s in all, then the last attempt's error is logged.
+_BUSY_RETRY_DELAYS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5)
 
 
 class _CommitFailed(BaseException):
@@ -77,7 +84,13 @@ class DBSessionMiddleware:
 
         db = self.db
         var: ContextVar[Holder[Any] | None] = db._var
-        holder: Holder[Any] = Holder()
+        outer = var.get(None)
+        if outer is not None and outer.owner is scope:
+            # Shown once (warnings' default filter); the outer middleware does the work.
+            warnings.warn(INSTALLED_TWICE.format(db=db), RuntimeWarning, stacklevel=1)
+            await self.app(scope, receive, send)
+            return
+        holder: Holder[Any] = Holder(owner=scope)
         token = var.set(holder)
         lifecycle: Lifecycle[Any] = db._lifecycle
         response_started = False
@@ -94,6 +107,8 @@ class DBSessionMiddleware:
                     # Don't send the status until the data it reports is settled.
                     try:
                         commit = self._decide(scope, message["status"], holder)
+                        if commit is False and logger.isEnabledFor(logging.DEBUG):
+                            self._log_discarded(session, scope, message["status"])
                         if commit is not None:
                             await lifecycle.settle(session, commit)
                     except Exception as exc:
@@ -107,8 +122,11 @@ class DBSessionMiddleware:
             try:
                 await self.app(scope, receive, send_wrapper)
                 app_failed = False
-            except BaseException:
+            except BaseException as exc:
                 if commit_error is None:
+                    if is_concurrent_use(exc):
+                        where = f"{scope.get('method')} {scope.get('path')}"
+                        raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
                     raise
             if commit_error is not None:
                 # Raised outside the except block, so the framework logs the real
@@ -138,9 +156,28 @@ class DBSessionMiddleware:
         holder.rollback_only = True
         return None
 
+    def _log_discarded(self, session: Any, scope: Scope, status: int) -> None:
+        logger.debug(
+            "Rolled back %s %s (status %s), discarding: %s.",
+            scope.get("method"),
+            scope.get("path"),
+            status,
+            describe_discarded(self.db._sync_session(session)),
+        )
+
     async def _end(self, session: Any, scope: Scope, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session."""
         try:
+            for delay in _BUSY_RETRY_DELAYS:
+                try:
+                    await self.db._lifecycle.end(session, commit)
+                    return
+                except Exception as exc:
+                    # A task the request spawned may still be using the session: give it a
+                    # moment to finish rather than leave the connection checked out.
+                    if not is_concurrent_use(exc):
+                        raise
+                    await anyio.sleep(delay)
             await self.db._lifecycle.end(session, commit)
         except Exception:
             # The status is already on the wire; all that is left is to say so.

@@ -1,12 +1,20 @@
-"""The errors this library raises."""
+"""The errors and warnings this library raises."""
 
 from __future__ import annotations
 
-__all__ = ["MissingSessionError"]
+__all__ = ["BlockingSessionWarning", "ConcurrentSessionError", "MissingSessionError"]
 
 
 class MissingSessionError(RuntimeError):
     """``db.session`` was used where no request or ``session_scope()`` provides one."""
+
+
+class ConcurrentSessionError(RuntimeError):
+    """One session was used by two tasks or threads at the same time."""
+
+
+class BlockingSessionWarning(RuntimeWarning):
+    """A sync ``Database.session`` was used on the event loop thread, blocking it."""
 
 
 NO_SESSION = (
@@ -18,9 +26,36 @@ NO_SESSION = (
     "'async with db.session_scope():' (AsyncDatabase)."
 )
 
+OTHER_DATABASE = (
+    "There is no session for {db!r} in this request. "
+    "The request went through DBSessionMiddleware for {others}, but not for this database. "
+    "Add app.add_middleware(DBSessionMiddleware, db=...) for it too (one per database)."
+)
+
 SESSION_CLOSED = (
     "The database session of this request is already closed. "
     "The request that owned it has finished, and this code (typically a task or thread "
     "started by the request) outlived it. "
     "Give the work its own session with db.session_scope() or db.sessionmaker()."
+)
+
+CONCURRENT_USE = (
+    "The session of {where} was used by two tasks or threads at the same time. "
+    "A SQLAlchemy session is one transaction on one connection and cannot run two "
+    "operations at once (asyncio.gather, task groups or threads over db.session do that). "
+    "Give each concurrent task its own session: "
+    "'async with db.session_scope() as session:' or 'db.sessionmaker()'."
+)
+
+BLOCKING_USE = (
+    "A sync Database.session was used on the event loop thread, inside 'async def' code. "
+    "Its queries block the event loop, and every other request waits for them. "
+    "Make the route a plain 'def' (FastAPI runs it in a worker thread) or use AsyncDatabase. "
+    "Database(..., on_event_loop='ignore') silences this; 'raise' makes it an error."
+)
+
+INSTALLED_TWICE = (
+    "DBSessionMiddleware is installed twice for {db!r}. "
+    "Each request already gets its session from the outer middleware, so the inner one "
+    "does nothing. Remove one of the add_middleware(DBSessionMiddleware, db=...) calls."
 )

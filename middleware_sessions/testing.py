@@ -69,7 +69,6 @@ def outer_transaction(db: Database) -> Iterator[Connection]:
         # Same options and session class (with its hook listeners), bound to the connection.
         options = {**db.sessionmaker.kw, **_JOIN, "bind": connection}
         db.sessionmaker = sessionmaker(class_=db.sessionmaker.class_, **options)
-        db._new_session = db.sessionmaker
         try:
             yield connection
         finally:
@@ -91,7 +90,6 @@ async def async_outer_transaction(db: AsyncDatabase) -> AsyncIterator[AsyncConne
         await connection.run_sync(_begin_for_real)
         options = {**db.sessionmaker.kw, **_JOIN, "bind": connection}
         db.sessionmaker = async_sessionmaker(class_=db.sessionmaker.class_, **options)
-        db._new_session = db.sessionmaker
         try:
             yield connection
         finally:

@@ -83,9 +83,13 @@ async def make_database(
     made: list[AnyDatabase] = []
 
     def make(**kwargs: Any) -> AnyDatabase:
-        db: AnyDatabase = (
-            Database(url, **kwargs) if flavour == "sync" else AsyncDatabase(url, **kwargs)
-        )
+        db: AnyDatabase
+        if flavour == "sync":
+            # The tests drive sync sessions from async test code on purpose; the
+            # blocking-use diagnostic has tests of its own.
+            db = Database(url, **{"on_event_loop": "ignore", **kwargs})
+        else:
+            db = AsyncDatabase(url, **kwargs)
         engine = db.engine if isinstance(db, Database) else db.engine.sync_engine
         if backend == "sqlite":
             _enforce_sqlite_foreign_keys(engine)
