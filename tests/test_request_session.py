@@ -108,8 +108,11 @@ async def test_concurrent_requests_never_share_a_session(
     owners: dict[int, str] = {}
     clashes: list[str] = []
 
+    alive: list[object] = []  # ids are only unique among live objects
+
     async def check(tag: str) -> None:
         session = db.session
+        alive.append(session)
         owner = owners.setdefault(id(session), tag)
         if owner != tag:
             clashes.append(f"{tag} got the session of {owner}")
