@@ -85,23 +85,28 @@ async def async_outer_transaction(db: AsyncDatabase) -> AsyncIterator[AsyncConne
             "'with outer_transaction(db)'."
         )
     state = db._snapshot()
-    async with db.engine.connect() as connection:
-        transaction = await connection.begin()
-        await connection.run_sync(_begin_for_real)
-        options = {**db.sessionmaker.kw, **_JOIN, "bind": connection}
-        db.sessionmaker = async_sessionmaker(class_=db.sessionmaker.class_, **options)
-        try:
-            yield connection
-        finally:
-            db._restore(state)
-            await transaction.rollback()
+    try:
+        async with db.engine.connect() as connection:
+            transaction = await connection.begin()
+            await connection.run_sync(_begin_for_real)
+            options = {**db.sessionmaker.kw, **_JOIN, "bind": connection}
+            db.sessionmaker = async_sessionmaker(class_=db.sessionmaker.class_, **options)
+            try:
+                yield connection
+            finally:
+                db._restore(state)
+                await transaction.rollback()
+    finally:
+        # Pooled connections belong to the event loop that opened them, and test runners
+        # often start a loop per test: close them on this one, so the next test starts clean.
+        await db.engine.dispose()
 
 
 @pytest.fixture
 def middleware_sessions_databases() -> Sequence[Database | AsyncDatabase]:
     """The databases to isolate; define this fixture in your ``conftest.py``."""
     raise pytest.UsageError(
-        "db_transaction needs to know your databases. "
+        "The middleware_sessions test fixtures need to know your databases. "
         "middleware_sessions can't guess which Database objects your app uses. "
         "Define a fixture named 'middleware_sessions_databases' in conftest.py that "
         "returns them, e.g. 'return [myapp.db]'."
