@@ -1,0 +1,83 @@
+"""outer_transaction() / async_outer_transaction() and db.override(), used in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from middleware_sessions import AsyncDatabase, Database
+from middleware_sessions.testing import async_outer_transaction, outer_transaction
+
+from .helpers import AnyDatabase, Base, Item, add_item, committed_names, make_app, route
+
+Client = Callable[[FastAPI], httpx.AsyncClient]
+
+
+async def test_everything_inside_the_outer_transaction_is_rolled_back(
+    database: AnyDatabase, client: Client
+) -> None:
+    db = database
+    app = make_app(db)
+    route(app, db, "/items", add_item, status_code=201)
+
+    async def work() -> None:
+        assert (await client(app).post("/items", params={"name": "route"})).status_code == 201
+        if isinstance(db, AsyncDatabase):
+            async with db.session_scope() as session:
+                session.add(Item(name="scope"))
+        else:
+            with db.session_scope() as sync_session:
+                sync_session.add(Item(name="scope"))
+        # Inside the test, the writes are visible through the database's sessions.
+        assert await committed_names(db) == {"route", "scope"}
+
+    if isinstance(db, AsyncDatabase):
+        async with async_outer_transaction(db):
+            await work()
+    else:
+        with outer_transaction(db):
+            await work()
+
+    assert await committed_names(db) == set()
+
+
+async def test_the_helpers_refuse_the_other_kind_of_database(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="async_outer_transaction"):  # noqa: SIM117
+        with outer_transaction(AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path}/a.db")):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(TypeError, match="outer_transaction"):
+        async with async_outer_transaction(Database(f"sqlite:///{tmp_path}/s.db")):  # type: ignore[arg-type]
+            pass
+
+
+async def test_override_with_an_engine_leaves_that_engine_to_its_owner(tmp_path: Path) -> None:
+    db = AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path}/real.db")
+    original = db.engine
+    test_engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/test.db")
+
+    with db.override(engine=test_engine):
+        assert db.engine is test_engine
+        assert not db.owns_engine
+    assert db.engine is original
+    assert db.owns_engine
+    await test_engine.dispose()
+    await original.dispose()
+
+
+async def test_override_of_a_sync_database_in_async_with(tmp_path: Path, client: Client) -> None:
+    path = tmp_path / "override.db"
+    Base.metadata.create_all(create_engine(f"sqlite:///{path}"))
+    db = Database(f"sqlite:///{tmp_path}/real.db", on_event_loop="ignore")
+    app = make_app(db)
+    route(app, db, "/items", add_item, status_code=201)
+
+    async with db.override(f"sqlite:///{path}"):
+        assert (await client(app).post("/items", params={"name": "there"})).status_code == 201
+        assert await committed_names(db) == {"there"}
+    assert db.engine.url.database == f"{tmp_path}/real.db"
