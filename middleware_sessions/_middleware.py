@@ -9,11 +9,13 @@ from contextvars import ContextVar
 from typing import Any
 
 import anyio
+import anyio.lowlevel
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import Holder
 from ._database import AsyncDatabase, Database
-from ._diagnostics import describe_discarded, is_concurrent_use
+from ._diagnostics import describe_discarded, is_concurrent_use, redact
 from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
 from ._lifecycle import Lifecycle
@@ -49,6 +51,9 @@ class DBSessionMiddleware:
     ``commit_on(status)`` holds (default: status < 400) and rolled back otherwise;
     only then is the message forwarded. A failed commit is rolled back and re-raised,
     so the client gets a 500. The session is closed when the request ends, always.
+    A request that finds no free connection within ``pool_timeout`` gets a 503 with
+    ``Retry-After``. Database errors leaving the app are stripped of SQL text and
+    quoted values (``redact_errors=False`` keeps them whole).
     Websocket and lifespan traffic pass through; an engine the database created is
     disposed at lifespan shutdown.
     """
@@ -59,6 +64,7 @@ class DBSessionMiddleware:
         *,
         db: Database | AsyncDatabase,
         commit_on: Callable[[int], bool] = commit_below_400,
+        redact_errors: bool = True,
     ) -> None:
         if not isinstance(db, (Database, AsyncDatabase)):
             raise TypeError(
@@ -74,6 +80,7 @@ class DBSessionMiddleware:
         self.app = app
         self.db = db
         self.commit_on = commit_on
+        self.redact_errors = redact_errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,9 +117,14 @@ class DBSessionMiddleware:
                         if commit is False and logger.isEnabledFor(logging.DEBUG):
                             self._log_discarded(session, scope, message["status"])
                         if commit is not None:
-                            await lifecycle.settle(session, commit)
+                            # Cancelled already? Then don't start: the finally rolls back.
+                            await anyio.lowlevel.checkpoint_if_cancelled()
+                            # A COMMIT once sent must finish, so its status tells the truth;
+                            # a cancellation that arrives meanwhile is delivered afterwards.
+                            with anyio.CancelScope(shield=True):
+                                await lifecycle.settle(session, commit)
                     except Exception as exc:
-                        commit_error = exc
+                        commit_error = self._redacted(exc)
                         raise _CommitFailed from exc
                 response_started = True
             await send(message)
@@ -127,6 +139,10 @@ class DBSessionMiddleware:
                     if is_concurrent_use(exc):
                         where = f"{scope.get('method')} {scope.get('path')}"
                         raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
+                    if isinstance(exc, PoolTimeout) and not response_started:
+                        await self._busy(scope, send)
+                        return
+                    self._redacted(exc)
                     raise
             if commit_error is not None:
                 # Raised outside the except block, so the framework logs the real
@@ -156,6 +172,21 @@ class DBSessionMiddleware:
         holder.rollback_only = True
         return None
 
+    def _redacted(self, exc: BaseException) -> BaseException:
+        return redact(exc) if self.redact_errors else exc
+
+    async def _busy(self, scope: Scope, send: Send) -> None:
+        """Answer 503 for a request that found no free connection within ``pool_timeout``."""
+        logger.warning(
+            "No database connection was free within pool_timeout for %s %s; answered 503. "
+            "Raise pool_size/max_overflow, or shorten slow transactions.",
+            scope.get("method"),
+            scope.get("path"),
+        )
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Service Unavailable"})
+
     def _log_discarded(self, session: Any, scope: Scope, status: int) -> None:
         logger.debug(
             "Rolled back %s %s (status %s), discarding: %s.",
@@ -179,7 +210,7 @@ class DBSessionMiddleware:
                         raise
                     await anyio.sleep(delay)
             await self.db._lifecycle.end(session, commit)
-        except Exception:
+        except Exception as error:
             # The status is already on the wire; all that is left is to say so.
             if commit:
                 message = (
@@ -188,6 +219,7 @@ class DBSessionMiddleware:
                 )
             else:
                 message = "Closing the database session of %s %s failed."
+            self._redacted(error)
             logger.error(message, scope.get("method"), scope.get("path"), exc_info=True)
 
     def _dispose_at_shutdown(self, send: Send) -> Send:
