@@ -34,5 +34,9 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
 	$(BIN)/python -m benchmarks
 
+## Fault, soak and scale-out tests (PostgreSQL, PgBouncer, uvicorn); rewrites docs/reliability.md.
+reliability: $(STAMP)
+	MIDDLEWARE_SESSIONS_RELIABILITY=1 $(BIN)/python -m pytest tests/reliability -q
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,143 @@
+"""PostgreSQL stopped and started again under concurrent writes: fail fast, recover alone.
+
+These tests stop their own server, so they get one of their own: the shared
+``postgres_server`` of the other tests is left alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from .._postgres import PostgresServer, ShutdownMode, skip_reason
+from ..conftest import REQUIRE_POSTGRES
+from .conftest import FLAVOURS, new_database, only_lost_connections
+from .faultapp import AnyDatabase, build_app, checked_out, make_database
+from .load import NO_LEAKS, REQUEST_BOUND, Outcomes, post_write, truth, wait_for_no_leaks
+
+pytestmark = pytest.mark.postgres
+
+WRITERS = 8
+BEFORE = 60  # writes acknowledged before the stop
+AFTER = 60  # writes acknowledged after the restart
+OUTAGE = 1.5  # seconds the server stays down
+FAIL_FAST = 2.0  # no request started during the outage may take longer
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[PostgresServer]:
+    """A server these tests may stop and start (a fixed port survives the restart)."""
+    reason = skip_reason()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL is required here: {reason}")
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+def engine_options(flavour: str) -> dict[str, Any]:
+    # A connect attempt during the outage is refused at once (closed port); the
+    # timeouts bound the case where the host does not answer at all.
+    connect = {"timeout": 3} if flavour == "async" else {"connect_timeout": 3}
+    return {"pool_size": 5, "max_overflow": 5, "pool_timeout": 5, "connect_args": connect}
+
+
+@pytest.fixture
+async def dispose() -> AsyncIterator[list[AnyDatabase]]:
+    made: list[AnyDatabase] = []
+    yield made
+    for db in made:
+        result = db.engine.dispose()
+        if result is not None:
+            await result
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_writes_fail_fast_during_a_restart_and_recover_without_an_app_restart(
+    own_server: PostgresServer,
+    flavour: str,
+    mode: ShutdownMode,
+    dispose: list[AnyDatabase],
+    figures: dict[str, Any],
+    loop_errors: list[str],
+) -> None:
+    """Stop PostgreSQL (fast shutdown, or a crash) under 8 writers, start it again."""
+    database = new_database(own_server)
+    db, tracker = make_database(database.url_for(flavour), flavour, engine_options(flavour))
+    dispose.append(db)
+    app = build_app(db, tracker)
+    outcomes = Outcomes()
+    restarted = anyio.Event()
+    warmed_up = anyio.Event()  # BEFORE writes acknowledged
+    done = anyio.Event()
+    outage: list[float] = []  # [stopped at, started again at]
+    acked_after_restart = 0
+
+    async def writer(n: int) -> None:
+        nonlocal acked_after_restart
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for i in range(100_000):
+                if done.is_set():
+                    return
+                response = await post_write(client, outcomes, f"w{n}-{i}")
+                if len(outcomes.acknowledged) >= BEFORE:
+                    warmed_up.set()
+                if response.is_success and restarted.is_set():
+                    acked_after_restart += 1
+                    if acked_after_restart >= AFTER:
+                        done.set()
+                if response.status_code >= 500:
+                    await anyio.sleep(0.01)  # a client that backs off a little
+
+    with anyio.fail_after(90):
+        async with anyio.create_task_group() as tg:
+            for n in range(WRITERS):
+                tg.start_soon(writer, n)
+            await warmed_up.wait()
+            outage.append(time.monotonic())
+            await anyio.to_thread.run_sync(own_server.stop_server_only, mode)
+            await anyio.sleep(OUTAGE)
+            await anyio.to_thread.run_sync(own_server.start_again)
+            outage.append(time.monotonic())
+            restarted.set()
+
+    check = truth(database.sync_url, outcomes)
+    found = await wait_for_no_leaks(lambda: checked_out(db), tracker)
+    during = [s for at, s, _, _ in outcomes.timeline if outage[0] <= at < outage[1]]
+    recovered = min(
+        at + s for at, s, status, _ in outcomes.timeline if at >= outage[1] and status < 300
+    )
+    # Requests that were on their way when the server went down.
+    in_flight = {key for at, s, _, key in outcomes.timeline if at < outage[0] < at + s}
+    figures.update(
+        requests=len(outcomes.statuses),
+        faults=f"1 {mode} stop, {OUTAGE}s down",
+        statuses=outcomes.counts(),
+        max_latency_s=round(outcomes.max_latency, 2),
+        max_latency_during_outage_s=round(max(during, default=0), 2),
+        first_2xx_after_restart_s=round(recovered - outage[1], 2),
+        acknowledged=len(outcomes.acknowledged),
+        ambiguous=len(check.failed_present),
+        leaks=found,
+        asyncio_errors_logged=len(loop_errors),
+    )
+    assert only_lost_connections(loop_errors), loop_errors
+
+    assert set(outcomes.statuses.values()) <= {201, 500}, outcomes.counts()
+    assert outcomes.failed, "no request noticed the outage"
+    assert max(during) < FAIL_FAST, "a request hung during the outage"
+    assert outcomes.max_latency < REQUEST_BOUND
+    assert check.acknowledged_missing == set()
+    assert check.unexplained == set()
+    # A 500 whose row exists is possible only for a COMMIT the server carried out
+    # and could not acknowledge before going down: a request in flight then.
+    assert check.failed_present <= in_flight
+    assert found == NO_LEAKS
