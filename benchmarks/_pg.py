@@ -21,7 +21,8 @@ def load() -> tuple[ModuleType | None, str | None]:
     module = sys.modules.get(_NAME)
     if module is None:
         spec = importlib.util.spec_from_file_location(_NAME, _PATH)
-        assert spec is not None and spec.loader is not None
+        assert spec is not None
+        assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[_NAME] = module
         spec.loader.exec_module(module)

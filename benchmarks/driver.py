@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, process_time
 from typing import Any
 
 from starlette.types import ASGIApp, Message
@@ -54,13 +55,14 @@ def make_request(method: str, path: str, json_body: Any = None, expect: int = 20
 class _Exchange:
     """The receive/send pair of one request."""
 
-    __slots__ = ("body", "done", "expect", "failed", "waiter")
+    __slots__ = ("body", "done", "expect", "failed", "status", "waiter")
 
     def __init__(self, body: Message, expect: int) -> None:
         self.body: Message | None = body
         self.expect = expect
         self.done = False
         self.failed = False
+        self.status = 0
         self.waiter: asyncio.Future[None] | None = None
 
     async def receive(self) -> Message:
@@ -77,7 +79,8 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            if message["status"] != self.expect:
+            self.status = message["status"]
+            if self.status != self.expect:
                 self.failed = True
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.done = True
@@ -97,43 +100,111 @@ async def call_once(app: ASGIApp, request: Request) -> None:
         raise BenchError(f"{request.scope['method']} {request.scope['path']} failed")
 
 
-async def measure(
-    app: ASGIApp, request: Request, *, concurrency: int, warm: float, window: float
-) -> tuple[float, int]:
-    """Keep ``concurrency`` request loops busy; return (requests/s, failures).
+@dataclass(frozen=True)
+class Window:
+    """What one measurement saw: requests completed, wall seconds, process CPU seconds."""
 
-    Requests are counted over a steady-state window that starts after ``warm``
-    seconds, so neither the ramp-up nor the drain at the end is measured.
+    requests: int
+    wall: float
+    cpu: float
+    failures: int
+    error: str | None = None  # the first failure, described
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.wall
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.requests / self.cpu if self.cpu > 0 else 0.0
+
+
+async def measure_sequence(
+    steps: Sequence[tuple[ASGIApp, Request, float]], *, concurrency: int
+) -> list[Window]:
+    """Measure several (app, request, seconds) steps back to back with the same loops.
+
+    ``concurrency`` request loops run throughout. A step's window opens once the
+    last request of the step before it has completed (so every loop is on this
+    step's app) and closes with the first completion ``seconds`` later; from then
+    on each loop starts one request of the next step while the stragglers of
+    this one finish. Drain and ramp-up overlap and neither is counted. The loops read
+    the clock themselves: an async route that never waits would never let a
+    timer task run. Process CPU time is read at the same instants. The first
+    step's window opens with the first completion: make it a warm-up.
     """
-    scope = request.scope
-    body = request.body
-    expect = request.expect
-    count = 0
-    failures = 0
-    running = True
+    n = len(steps)
+    phase = 0
+    inflight = [0] * n
+    counts = [0] * n
+    failures = [0] * n
+    opened: list[tuple[float, float] | None] = [None] * n
+    closed: list[tuple[float, float] | None] = [None] * n
+    errors: list[str | None] = [None] * n
+    opening = [asyncio.Event() for _ in range(n)]
 
     async def worker() -> None:
-        nonlocal count, failures
-        while running:
-            exchange = _Exchange(body, expect)
+        nonlocal phase
+        while phase < n:
+            step = phase
+            app, request, seconds = steps[step]
+            exchange = _Exchange(request.body, request.expect)
+            inflight[step] += 1
             try:
-                await app(scope.copy(), exchange.receive, exchange.send)
-            except Exception:
-                failures += 1
-            else:
-                if exchange.failed or not exchange.done:
-                    failures += 1
-            count += 1
+                await app(request.scope.copy(), exchange.receive, exchange.send)
+                ok = exchange.done and not exchange.failed
+            except Exception as exc:
+                ok = False
+                if errors[step] is None:
+                    errors[step] = f"{type(exc).__name__}: {exc}"[:300]
+            inflight[step] -= 1
+            if not ok:
+                failures[step] += 1
+                if errors[step] is None:
+                    errors[step] = f"status {exchange.status}, complete={exchange.done}"
+            now = perf_counter()
+            opened_at = opened[step]
+            if opened_at is None and step == 0:
+                opened[0] = (now, process_time())
+                opening[0].set()
+            elif opened_at is not None and closed[step] is None:
+                counts[step] += ok
+                if now - opened_at[0] >= seconds:
+                    closed[step] = (now, process_time())
+                    phase = step + 1
+            if (
+                closed[step] is not None
+                and inflight[step] == 0
+                and step + 1 < n
+                and opened[step + 1] is None
+            ):
+                opened[step + 1] = (now, process_time())
+                opening[step + 1].set()
+            if opened[step] is None:
+                # Stragglers of the previous step are still running: wait for
+                # them after one request of this step. A route that never waits
+                # would otherwise run back to back and starve them of the CPU,
+                # threads included (the GIL's switch interval is 5 ms).
+                await opening[step].wait()
 
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(worker()) for _ in range(concurrency)]
-    await asyncio.sleep(warm)
-    start_count, start = count, perf_counter()
-    await asyncio.sleep(window)
-    end_count, end = count, perf_counter()
-    running = False
-    await asyncio.gather(*tasks)
-    return (end_count - start_count) / (end - start), failures
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    windows = []
+    for step in range(n):
+        start, end = opened[step], closed[step]
+        if start is None or end is None:
+            windows.append(Window(0, steps[step][2], 0.0, failures[step], errors[step]))
+        else:
+            wall, cpu = end[0] - start[0], end[1] - start[1]
+            windows.append(Window(counts[step], wall, cpu, failures[step], errors[step]))
+    return windows
+
+
+async def measure(
+    app: ASGIApp, request: Request, *, concurrency: int, warm: float, window: float
+) -> Window:
+    """One app alone: ``warm`` seconds unmeasured, then a ``window``."""
+    steps = [(app, request, warm), (app, request, window)]
+    return (await measure_sequence(steps, concurrency=concurrency))[1]
 
 
 async def run_count(app: ASGIApp, request: Request, *, concurrency: int, total: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
@@ -28,9 +29,11 @@ DB_VARIANTS = ("a", "b", "c", "d", "e", "f", "g", "ia", "is")
 
 @dataclass(frozen=True)
 class Settings:
-    rounds: int
-    warm: float  # seconds of ramp-up before each window
+    rounds: int  # at most this many rounds...
+    warm: float  # seconds of unmeasured warm-up at the start of each round
     window: float  # seconds measured per variant per round
+    budget: float = float("inf")  # ...and no new round after this many seconds,
+    min_rounds: int = 3  # ...unless fewer than this many have run
 
 
 @dataclass
@@ -41,24 +44,30 @@ class Cell:
     endpoint: str
     concurrency: int
     variants: list[str]
-    rates: dict[str, list[float]] = field(default_factory=dict)
+    rates: dict[str, list[float]] = field(default_factory=dict)  # requests per wall second
+    cpu_rates: dict[str, list[float]] = field(default_factory=dict)  # per CPU second
     failures: dict[str, int] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # variant -> why n/a
+    errors: dict[str, str] = field(default_factory=dict)  # variant -> its first failure
 
     @property
     def key(self) -> str:
         return f"{self.backend}/{self.endpoint}/c{self.concurrency}"
 
-    def summary(self, variant: str) -> Summary | None:
-        values = self.rates.get(variant)
+    def _series(self, cpu: bool) -> dict[str, list[float]]:
+        return self.cpu_rates if cpu else self.rates
+
+    def summary(self, variant: str, *, cpu: bool = False) -> Summary | None:
+        values = self._series(cpu).get(variant)
         return Summary.of(values) if values else None
 
-    def ratio(self, num: str, den: str) -> Summary | None:
-        if not self.rates.get(num) or not self.rates.get(den):
+    def ratio(self, num: str, den: str, *, cpu: bool = False) -> Summary | None:
+        series = self._series(cpu)
+        if not series.get(num) or not series.get(den):
             return None
         if self.failures.get(num) or self.failures.get(den):
             return None
-        return ratios(self.rates[num], self.rates[den])
+        return ratios(series[num], series[den])
 
 
 def build_apps(
@@ -93,7 +102,7 @@ async def run_cell(
         try:
             # Warm-up: the pool, SQLAlchemy's statement caches, FastAPI's.
             await driver.run_count(
-                built[key], request, concurrency=cell.concurrency, total=20 + 4 * cell.concurrency
+                built[key], request, concurrency=cell.concurrency, total=10 + 2 * cell.concurrency
             )
         except Exception as exc:
             cell.missing[key] = f"failed during warm-up: {type(exc).__name__}: {exc}"
@@ -101,19 +110,31 @@ async def run_cell(
     if after_round is not None:
         after_round()
     rng = random.Random(f"{seed}/{cell.key}")
-    for _ in range(settings.rounds):
+    started = perf_counter()
+    for done in range(settings.rounds):
+        if done >= settings.min_rounds and perf_counter() - started > settings.budget:
+            break
+        # Forward then backward (ABBA): a drift that is linear across the round
+        # hits every variant equally, and each variant's figure for the round is
+        # its two half-windows together.
         rng.shuffle(order)
-        for key in order:
-            rate, failures = await driver.measure(
-                built[key],
-                request,
-                concurrency=cell.concurrency,
-                warm=settings.warm,
-                window=settings.window,
-            )
-            cell.rates.setdefault(key, []).append(rate)
+        sequence = [*order, *reversed(order)]
+        steps = [(built[order[0]], request, settings.warm)]
+        steps += [(built[key], request, settings.window / 2) for key in sequence]
+        measured = await driver.measure_sequence(steps, concurrency=cell.concurrency)
+        seen: dict[str, list[driver.Window]] = {key: [] for key in order}
+        for key, window in zip(sequence, measured[1:], strict=True):
+            seen[key].append(window)
+        for key, windows in seen.items():
+            requests = sum(w.requests for w in windows)
+            cell.rates.setdefault(key, []).append(requests / sum(w.wall for w in windows))
+            cpu = sum(w.cpu for w in windows)
+            cell.cpu_rates.setdefault(key, []).append(requests / cpu if cpu > 0 else 0.0)
+            failures = sum(w.failures for w in windows)
             if failures:
                 cell.failures[key] = cell.failures.get(key, 0) + failures
+                error = next((w.error for w in windows if w.error), "unknown")
+                cell.errors.setdefault(key, error)
         if after_round is not None:
             after_round()
     return cell

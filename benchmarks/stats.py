@@ -52,7 +52,7 @@ class Summary:
         return (self.hi - self.lo) / 2 / self.median
 
     def fmt_ratio(self) -> str:
-        return f"{self.median:.2f} [{self.lo:.2f}–{self.hi:.2f}]"
+        return f"{self.median:.2f} [{self.lo:.2f}-{self.hi:.2f}]"
 
     def fmt_rate(self) -> str:
         return f"{self.median:,.0f} ±{self.spread * 100:.0f}%"
