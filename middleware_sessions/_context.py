@@ -18,16 +18,19 @@ S = TypeVar("S", Session, AsyncSession)
 
 
 class Holder(Generic[S]):
-    """The session slot of one request or one ``session_scope()``."""
+    """The session slot of one request or one ``session_scope()``.
 
-    __slots__ = ("open", "owner", "rollback_only", "session")
+    No ``__init__``: the defaults live on the class, so a request that never
+    touches the database pays for a bare object and nothing else.
+    """
 
-    def __init__(self, session: S | None = None, owner: object = None) -> None:
-        self.session: S | None = session
-        self.open = True
-        self.rollback_only = False
-        # The ASGI scope of the request that set this holder (None for a session_scope()).
-        self.owner = owner
+    session: S | None = None
+    open: bool = True
+    rollback_only: bool = False
+    # Request bookkeeping for the middleware: the start message went out; the
+    # commit at the start failed (and what it raised).
+    started: bool = False
+    error: BaseException | None = None
 
     def close(self) -> S | None:
         """Empty the slot for good and return what it held."""

@@ -260,9 +260,8 @@ class Database(_BaseDatabase[Session]):
 
         Inside the block ``db.session`` is this session.
         """
-        holder: Holder[Session] = Holder(self.sessionmaker())
-        session = holder.session
-        assert session is not None
+        holder: Holder[Session] = Holder()
+        session = holder.session = self.sessionmaker()
         token = self._var.set(holder)
         try:
             yield session
@@ -319,9 +318,8 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
 
         Inside the block ``db.session`` is this session.
         """
-        holder: Holder[AsyncSession] = Holder(self.sessionmaker())
-        session = holder.session
-        assert session is not None
+        holder: Holder[AsyncSession] = Holder()
+        session = holder.session = self.sessionmaker()
         token = self._var.set(holder)
         try:
             yield session

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -18,7 +18,6 @@ from ._database import AsyncDatabase, Database
 from ._diagnostics import describe_discarded, is_concurrent_use, redact
 from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
-from ._lifecycle import Lifecycle
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
 from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
@@ -33,6 +32,21 @@ def commit_below_400(status: int) -> bool:
 
 # Up to about 3 s in all, then the last attempt's error is logged.
 _BUSY_RETRY_DELAYS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _wraps_twin(app: object, db: object) -> bool:
+    """Whether a DBSessionMiddleware for ``db`` sits inside ``app``'s middleware chain."""
+    for _ in range(100):
+        if isinstance(app, DBSessionMiddleware) and app.db is db:
+            return True
+        app = getattr(app, "app", None)
+        if app is None:
+            return False
+    return False
 
 
 class _CommitFailed(BaseException):
@@ -81,53 +95,33 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
+        self._var: ContextVar[Holder[Any] | None] = db._var
+        # Installed twice for one database? Then the inner one does the work.
+        self._outer_twin = _wraps_twin(app, db)
+        if self._outer_twin:
+            warnings.warn(INSTALLED_TWICE.format(db=db), RuntimeWarning, stacklevel=2)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan" and self.db.owns_engine:
+        if scope["type"] != "http" or self._outer_twin:
+            if scope["type"] == "lifespan" and self.db.owns_engine and not self._outer_twin:
                 send = self._dispose_at_shutdown(send)
             await self.app(scope, receive, send)
             return
 
-        db = self.db
-        var: ContextVar[Holder[Any] | None] = db._var
-        outer = var.get(None)
-        if outer is not None and outer.owner is scope:
-            # Shown once (warnings' default filter); the outer middleware does the work.
-            warnings.warn(INSTALLED_TWICE.format(db=db), RuntimeWarning, stacklevel=1)
-            await self.app(scope, receive, send)
-            return
-        holder: Holder[Any] = Holder(owner=scope)
+        holder: Holder[Any] = Holder()
+        var = self._var
         token = var.set(holder)
-        lifecycle: Lifecycle[Any] = db._lifecycle
-        response_started = False
-        commit_error: BaseException | None = None
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal response_started, commit_error
-            if commit_error is not None:
-                # The start message was replaced by an error; nothing may follow it.
-                return
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            # A plain function handing back send()'s awaitable: requests that never
+            # touch the database pay no extra coroutine per message.
+            if holder.error is not None:
+                return _nothing()  # the start was replaced by an error; nothing may follow
             if message["type"] == "http.response.start":
-                session = holder.session
-                if session is not None and session.in_transaction():
-                    # Don't send the status until the data it reports is settled.
-                    try:
-                        commit = self._decide(scope, message["status"], holder)
-                        if commit is False and logger.isEnabledFor(logging.DEBUG):
-                            self._log_discarded(session, scope, message["status"])
-                        if commit is not None:
-                            # Cancelled already? Then don't start: the finally rolls back.
-                            await anyio.lowlevel.checkpoint_if_cancelled()
-                            # A COMMIT once sent must finish, so its status tells the truth;
-                            # a cancellation that arrives meanwhile is delivered afterwards.
-                            with anyio.CancelScope(shield=True):
-                                await lifecycle.settle(session, commit)
-                    except Exception as exc:
-                        commit_error = self._redacted(exc)
-                        raise _CommitFailed from exc
-                response_started = True
-            await send(message)
+                if holder.session is not None:
+                    return self._start(holder, scope, message, send)
+                holder.started = True
+            return send(message)
 
         app_failed = True
         try:
@@ -135,29 +129,57 @@ class DBSessionMiddleware:
                 await self.app(scope, receive, send_wrapper)
                 app_failed = False
             except BaseException as exc:
-                if commit_error is None:
+                if holder.error is None:
                     if is_concurrent_use(exc):
                         where = f"{scope.get('method')} {scope.get('path')}"
                         raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
-                    if isinstance(exc, PoolTimeout) and not response_started:
+                    if isinstance(exc, PoolTimeout) and not holder.started:
                         await self._busy(scope, send)
                         return
                     self._redacted(exc)
                     raise
-            if commit_error is not None:
+            if holder.error is not None:
                 # Raised outside the except block, so the framework logs the real
                 # error and sends its 500 (the start message never went out).
-                raise commit_error
+                raise holder.error
         finally:
             var.reset(token)
             session = holder.close()
             if session is not None:
-                commit = response_started and not app_failed and not holder.rollback_only
-                with anyio.CancelScope(shield=True):
-                    await self._end(session, scope, commit=commit)
-                hooks = take_ready(db._sync_session(session))
-                if hooks:
-                    await run_hooks(hooks, f"{scope.get('method')} {scope.get('path')}")
+                await self._finish(session, holder, scope, app_failed=app_failed)
+
+    async def _start(self, holder: Holder[Any], scope: Scope, message: Message, send: Send) -> None:
+        """Settle the transaction, then forward the start message."""
+        session = holder.session
+        if session is not None and session.in_transaction():
+            # Don't send the status until the data it reports is settled.
+            try:
+                commit = self._decide(scope, message["status"], holder)
+                if commit is False and logger.isEnabledFor(logging.DEBUG):
+                    self._log_discarded(session, scope, message["status"])
+                if commit is not None:
+                    # Cancelled already? Then don't start: the finally rolls back.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    # A COMMIT once sent must finish, so its status tells the truth;
+                    # a cancellation that arrives meanwhile is delivered afterwards.
+                    with anyio.CancelScope(shield=True):
+                        await self.db._lifecycle.settle(session, commit)
+            except Exception as exc:
+                holder.error = self._redacted(exc)
+                raise _CommitFailed from exc
+        holder.started = True
+        await send(message)
+
+    async def _finish(
+        self, session: Any, holder: Holder[Any], scope: Scope, *, app_failed: bool
+    ) -> None:
+        """Settle what is left, close (shielded from cancellation), then run the hooks."""
+        commit = holder.started and not app_failed and not holder.rollback_only
+        with anyio.CancelScope(shield=True):
+            await self._end(session, scope, commit=commit)
+        hooks = take_ready(self.db._sync_session(session))
+        if hooks:
+            await run_hooks(hooks, f"{scope.get('method')} {scope.get('path')}")
 
     def _decide(self, scope: Scope, status: int, holder: Holder[Any]) -> bool | None:
         """Commit (True), roll back now (False), or leave it to the end (None)."""
