@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Protocol, TypeVar
 
+import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
@@ -95,6 +97,21 @@ class Lifecycle(Protocol[S]):
         """Dispose of the engine's pool."""
 
 
+# Threads of our own for COMMIT, ROLLBACK and close. With the default limiter shared
+# with routes, a full thread pool of `def` routes waiting for a connection would
+# leave the requests that hold the connections no thread to release them with.
+_LIMITER: RunVar[anyio.CapacityLimiter] = RunVar("middleware_sessions.threads")
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(40)
+        _LIMITER.set(limiter)
+        return limiter
+
+
 class SyncLifecycle:
     """``Session`` I/O in a worker thread, at most one hop per call."""
 
@@ -102,11 +119,11 @@ class SyncLifecycle:
         self._engine = engine
 
     async def settle(self, session: Session, commit: bool) -> None:
-        await anyio.to_thread.run_sync(settle_sync, session, commit)
+        await anyio.to_thread.run_sync(settle_sync, session, commit, limiter=_limiter())
 
     async def end(self, session: Session, commit: bool) -> None:
         if session.in_transaction():
-            await anyio.to_thread.run_sync(end_sync, session, commit)
+            await anyio.to_thread.run_sync(end_sync, session, commit, limiter=_limiter())
         else:
             # No transaction means no connection: closing only forgets objects.
             session.close()
