@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     settings = {
         **asdict(plan.database),
+        "untouched_rounds": plan.untouched.rounds,
+        "untouched_budget": plan.untouched.budget,
+        "untouched_window": plan.untouched.window,
         "http_rounds": plan.http.rounds,
         "http_window": plan.http.window,
     }

@@ -223,9 +223,10 @@ def markdown(results: Results, found: list[Target], chart: str | None) -> str:
         "",
         "## 1. In-process (ASGI called directly)",
         "",
-        f"Up to {s['rounds']} rounds per cell (as many as fit in {s['budget']} s, at least "
-        f"{s['min_rounds']}; the count is in each table's heading); each variant measured "
-        f"for {s['window']} s per round "
+        f"Up to {s['rounds']} rounds per database cell (as many as fit in {s['budget']} s, "
+        f"at least {s['min_rounds']}; GET /ping: up to {s['untouched_rounds']} rounds in "
+        f"{s['untouched_budget']} s, {s['untouched_window']} s windows; the count is in each "
+        f"table's heading); each variant measured for {s['window']} s per round "
         f"(two half-windows) after {s['warm']} s of warm-up at the start of the round; "
         "between variants the same request loops go on, each starting one request of the "
         "next variant while the stragglers of the previous one finish, and neither is "

@@ -9,7 +9,6 @@ sync, asyncpg for async). Tests build the tiny app they need with
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,8 @@ from sqlalchemy.engine import Engine
 
 from middleware_sessions import AsyncDatabase, Database
 
-from ._postgres import PostgresServer, skip_reason
-from .helpers import AnyDatabase, Base
-
-REQUIRE_POSTGRES = os.environ.get("MIDDLEWARE_SESSIONS_REQUIRE_POSTGRES") == "1"
+from ._postgres import PostgresServer
+from .helpers import AnyDatabase, Base, postgres_or_skip
 
 BACKENDS = [
     pytest.param(("sync", "sqlite"), id="sync-sqlite"),
@@ -46,12 +43,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the whole run, or a skip that says why not."""
-    reason = skip_reason()
-    if reason is not None:
-        if REQUIRE_POSTGRES:
-            pytest.fail(f"PostgreSQL is required here: {reason}")
-        pytest.skip(reason)
-    with PostgresServer() as server:
+    with postgres_or_skip() as server:
         yield server
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import ForeignKey, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware
+
+from ._postgres import PostgresServer, skip_reason
+
+# CI sets this: there the PostgreSQL tests must run, and a missing server fails them.
+REQUIRE_POSTGRES = os.environ.get("MIDDLEWARE_SESSIONS_REQUIRE_POSTGRES") == "1"
 
 AnyDatabase = Database | AsyncDatabase
 
@@ -105,3 +113,15 @@ async def committed_names(db: AnyDatabase) -> set[str]:
 def checked_out(db: AnyDatabase) -> int:
     """Connections currently checked out of the database's pool."""
     return db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
+
+
+@contextmanager
+def postgres_or_skip() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server, or a skip that says why not (a failure in CI)."""
+    reason = skip_reason()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL is required here: {reason}")
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server

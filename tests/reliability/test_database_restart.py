@@ -14,8 +14,8 @@ import anyio
 import httpx
 import pytest
 
-from .._postgres import PostgresServer, ShutdownMode, skip_reason
-from ..conftest import REQUIRE_POSTGRES
+from .._postgres import PostgresServer, ShutdownMode
+from ..helpers import postgres_or_skip
 from .conftest import FLAVOURS, new_database, only_lost_connections
 from .faultapp import AnyDatabase, build_app, checked_out, make_database
 from .load import NO_LEAKS, REQUEST_BOUND, Outcomes, post_write, truth, wait_for_no_leaks
@@ -32,12 +32,7 @@ FAIL_FAST = 2.0  # no request started during the outage may take longer
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
     """A server these tests may stop and start (a fixed port survives the restart)."""
-    reason = skip_reason()
-    if reason is not None:
-        if REQUIRE_POSTGRES:
-            pytest.fail(f"PostgreSQL is required here: {reason}")
-        pytest.skip(reason)
-    with PostgresServer() as server:
+    with postgres_or_skip() as server:
         yield server
 
 

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from .._postgres import Driver, PostgresServer
-from ..conftest import REQUIRE_POSTGRES
+from ..helpers import REQUIRE_POSTGRES
 from ._pgbouncer import PgBouncer, pgbouncer_skip_reason
 from .conftest import dispose
 from .faultapp import build_app, checked_out, create_schema, make_database
