@@ -31,6 +31,8 @@ class Holder(Generic[S]):
     # commit at the start failed (and what it raised).
     started: bool = False
     error: BaseException | None = None
+    # Two tasks used the session at once: its connection may still be busy.
+    poisoned: bool = False
 
     def close(self) -> S | None:
         """Empty the slot for good and return what it held."""

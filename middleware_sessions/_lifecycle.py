@@ -93,6 +93,9 @@ class Lifecycle(Protocol[S]):
     async def end(self, session: S, commit: bool) -> None:
         """Settle any open transaction, then close the session."""
 
+    async def discard(self, session: S) -> None:
+        """Close the session and throw its connection away instead of pooling it."""
+
     async def dispose(self) -> None:
         """Dispose of the engine's pool."""
 
@@ -128,6 +131,9 @@ class SyncLifecycle:
             # No transaction means no connection: closing only forgets objects.
             session.close()
 
+    async def discard(self, session: Session) -> None:
+        await anyio.to_thread.run_sync(session.invalidate, limiter=_limiter())
+
     async def dispose(self) -> None:
         await anyio.to_thread.run_sync(self._engine.dispose)
 
@@ -143,6 +149,9 @@ class AsyncLifecycle:
 
     async def end(self, session: AsyncSession, commit: bool) -> None:
         await end_async(session, commit)
+
+    async def discard(self, session: AsyncSession) -> None:
+        await session.invalidate()
 
     async def dispose(self) -> None:
         await self._engine.dispose()

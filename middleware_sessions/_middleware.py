@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
@@ -131,6 +132,7 @@ class DBSessionMiddleware:
             except BaseException as exc:
                 if holder.error is None:
                     if is_concurrent_use(exc):
+                        holder.poisoned = True
                         where = f"{scope.get('method')} {scope.get('path')}"
                         raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
                     if isinstance(exc, PoolTimeout) and not holder.started:
@@ -176,7 +178,7 @@ class DBSessionMiddleware:
         """Settle what is left, close (shielded from cancellation), then run the hooks."""
         commit = holder.started and not app_failed and not holder.rollback_only
         with anyio.CancelScope(shield=True):
-            await self._end(session, scope, commit=commit)
+            await self._end(session, scope, commit=commit, discard=holder.poisoned)
         hooks = take_ready(self.db._sync_session(session))
         if hooks:
             await run_hooks(hooks, f"{scope.get('method')} {scope.get('path')}")
@@ -218,12 +220,18 @@ class DBSessionMiddleware:
             describe_discarded(self.db._sync_session(session)),
         )
 
-    async def _end(self, session: Any, scope: Scope, *, commit: bool) -> None:
-        """Settle work done after the response started, then close the session."""
+    async def _end(self, session: Any, scope: Scope, *, commit: bool, discard: bool) -> None:
+        """Settle work done after the response started, then close the session.
+
+        A session two tasks used at once is discarded instead: another task may still
+        be mid-statement on its connection, which must not go back to the pool.
+        """
+        lifecycle = self.db._lifecycle
+        end = lifecycle.discard if discard else functools.partial(lifecycle.end, commit=commit)
         try:
             for delay in _BUSY_RETRY_DELAYS:
                 try:
-                    await self.db._lifecycle.end(session, commit)
+                    await end(session)
                     return
                 except Exception as exc:
                     # A task the request spawned may still be using the session: give it a
@@ -231,7 +239,7 @@ class DBSessionMiddleware:
                     if not is_concurrent_use(exc):
                         raise
                     await anyio.sleep(delay)
-            await self.db._lifecycle.end(session, commit)
+            await end(session)
         except Exception as error:
             # The status is already on the wire; all that is left is to say so.
             if commit:
