@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _hooks
+from ._ceiling import lend_while_waiting
 from ._config import check_driver, check_engine, engine_kwargs, resolve_url, safe_url
 from ._context import Holder, S
 from ._lifecycle import (
@@ -246,6 +247,7 @@ class Database(_BaseDatabase[Session]):
 
     def _set_engine(self, engine: Engine, session_options: dict[str, Any]) -> None:
         self.engine = engine
+        lend_while_waiting(engine)
         # sessionmaker makes a subclass of its own: our event listeners stay on it.
         self.sessionmaker = sessionmaker(engine, **session_options)
         _hooks.install(self.sessionmaker.class_)
