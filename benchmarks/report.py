@@ -129,6 +129,20 @@ def targets(results: Results) -> list[Target]:
                     note,
                 )
             )
+        # Sync routes at the ceiling keep up with async ones (issue 15).
+        ratio = results.ceiling.ratio("g", "f")
+        failed = {v: results.ceiling.failures.get(v, 0) for v in ("g", "f")}
+        found.append(
+            Target(
+                "(g) ≥ 0.9 x (f) at the ceiling",
+                "postgresql/pg_sleep/c64",
+                "g",
+                "f",
+                0.9,
+                None if ratio is None else Summary(ratio, ratio, ratio, 1),
+                ", ".join(f"({v}) had {n} failed requests" for v, n in failed.items() if n),
+            )
+        )
     return found
 
 
