@@ -134,6 +134,14 @@ def _details(figures: dict[str, dict[str, Any]]) -> list[str]:
                 f"per worker {f['transfers_per_worker']}; money before "
                 f"{f['total_cents_before']:,} cents, after {f['total_cents_after']:,} cents.",
             ]
+        if "thread_tokens" in f:
+            lines += [
+                "",
+                f"**Sync app, {f['requests']} concurrent mixed requests** ({f['settings']}: "
+                f"engine options {f['engine_options'] or 'none'}, {f['thread_tokens']} threads): "
+                f"{_statuses(f.get('statuses'))}, {f['failed']} failed, "
+                f"{f['wall_time_s']} s in all, slowest request {f['slowest_request_s']} s.",
+            ]
         if "max_latency_during_outage_s" in f:
             lines += [
                 "",
