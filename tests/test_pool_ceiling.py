@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +143,7 @@ async def run_burst(databases: list[Database]) -> Burst:
         burst.statuses = {s: statuses.count(s) for s in sorted(set(statuses))}
     await anyio.sleep(0.05)  # the loop takes lent tokens back soon after the last wait
     burst.tokens_after = tokens()
-    burst.checked_out_after = [db.engine.pool.checkedout() for db in databases]
+    burst.checked_out_after = [db.engine.pool.checkedout() for db in databases]  # type: ignore[attr-defined]
     return burst
 
 
@@ -238,7 +238,7 @@ class OneConnection:
         return self.db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
 
     async def run_waiter(
-        self, client: httpx.AsyncClient, waiter: Callable[[], Awaitable[Any]]
+        self, client: httpx.AsyncClient, waiter: Callable[[], Coroutine[Any, Any, None]]
     ) -> None:
         """Run ``waiter()`` once ``/hold`` has the pool's only connection; release it
         once the waiting route thread has lent its token (and the waiter has had its
@@ -282,7 +282,7 @@ async def call_and_hang_up(app: FastAPI, path: str) -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         pass
 
     await app(scope, receive, send)
@@ -350,7 +350,7 @@ def bind_given_pool(server: PostgresServer) -> Database:
     import psycopg
 
     dsn = server.url("psycopg").replace("postgresql+psycopg", "postgresql")
-    pool = QueuePool(lambda: psycopg.connect(dsn), pool_size=1, max_overflow=0)
+    pool = QueuePool(lambda: psycopg.connect(dsn), pool_size=1, max_overflow=0)  # type: ignore[arg-type]
     return Database(engine=create_engine("postgresql+psycopg://", pool=pool))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import String, Text, create_engine, select
+from sqlalchemy import String, Text, create_engine, insert, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from middleware_sessions import Database, DBSessionMiddleware
@@ -65,7 +65,7 @@ def create_schema(sync_url: str) -> None:
         Base.metadata.create_all(engine)
         with engine.begin() as connection:
             connection.execute(
-                Note.__table__.insert(),
+                insert(Note),
                 [{"title": f"note {n}", "body": "x" * 200} for n in range(SEEDED)],
             )
     finally:
