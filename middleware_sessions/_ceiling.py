@@ -14,6 +14,8 @@ thread, such as the one that will return a connection. It costs nothing when a
 connection is free: the pool is asked without blocking first, and only a thread
 that would block goes to the event loop. A thread that isn't an AnyIO worker (a
 script, ``session_scope()`` outside any event loop) just waits as before.
+While threads wait, more route threads run than the limiter's 40: at most one
+more per waiting request, each asleep until its connection comes.
 
 What it changes is the pool's queue, and only for SQLAlchemy's own ``QueuePool``
 (the default): other pools (``NullPool``, ``StaticPool``, ``SingletonThreadPool``)
