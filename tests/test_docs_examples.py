@@ -66,9 +66,10 @@ STARTUP_TIMEOUT = 60.0
 
 @dataclass(frozen=True)
 class Block:
-    page: Path
+    page: Path  # the page it is shown on
     language: str
-    line: int  # the page's line number of the block's first line of code
+    origin: Path  # the file it is written in: the page, or a file the page includes
+    line: int  # the origin's line number of the block's first line of code
     text: str
 
     @property
@@ -82,34 +83,62 @@ class Block:
         return self.text.startswith(NOT_RUN)
 
     def where(self) -> str:
-        return f"{relative(self.page)}:{self.line}"
+        return f"{relative(self.origin)}:{self.line}"
 
 
 def relative(page: Path) -> str:
     return page.relative_to(REPO_ROOT).as_posix()
 
 
+# What the docs site's Markdown does: `--8<-- "FILE"` or `--8<-- "FILE:section"` on a line
+# of its own includes that file (or the lines between its `[start:section]` and
+# `[end:section]` markers), indented as the line is.
+INCLUDE = re.compile(r'( *)-+8<-+\s+"([^"]+)"\s*$')
+SECTION = re.compile(r"-+8<-+\s+\[\s*(start|end)\s*:\s*([-\w]+)\s*\]")
+
+
+def page_lines(path: Path, section: str = "", indent: str = "") -> list[tuple[Path, int, str]]:
+    """The lines of a page as the site shows them, each with the file and line it comes from."""
+    numbered = list(enumerate(path.read_text().split("\n"), 1))
+    if section:
+        marks = {(m[1], m[2]): i for i, (_, line) in enumerate(numbered) if (m := SECTION.search(line))}
+        start, end = marks.get(("start", section)), marks.get(("end", section))
+        assert start is not None and end is not None, f"{relative(path)} has no section {section}"
+        numbered = numbered[start + 1 : end]
+    lines: list[tuple[Path, int, str]] = []
+    for number, line in numbered:
+        if SECTION.search(line):
+            continue
+        if include := INCLUDE.match(line):
+            name, _, part = include[2].partition(":")
+            lines += page_lines(REPO_ROOT / name, part, indent + include[1])
+        else:
+            lines.append((path, number, indent + line if line.strip() else ""))
+    return lines
+
+
 def read_blocks(page: Path) -> list[Block]:
-    """The fenced code blocks of a Markdown page, in order."""
+    """The fenced code blocks of a Markdown page, as the site shows it, in order."""
     blocks: list[Block] = []
-    lines = page.read_text().split("\n")
+    lines = page_lines(page)
     index = 0
     while index < len(lines):
-        opening = re.match(r"( *)(`{3,}|~{3,})\s*([\w+-]*)", lines[index])
+        opening = re.match(r"( *)(`{3,}|~{3,})\s*([\w+-]*)", lines[index][2])
         if not opening:
             index += 1
             continue
         indent, fence, language = opening.groups()
         body: list[str] = []
         index += 1
-        start = index + 1
-        while index < len(lines) and not lines[index].strip().startswith(fence):
-            line = lines[index]
+        assert index < len(lines), f"{relative(page)}: unclosed code fence at the end"
+        origin, start, _ = lines[index]
+        while index < len(lines) and not lines[index][2].strip().startswith(fence):
+            line = lines[index][2]
             body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
             index += 1
-        assert index < len(lines), f"{relative(page)}:{start - 1}: unclosed code fence"
+        assert index < len(lines), f"{relative(origin)}:{start - 1}: unclosed code fence"
         index += 1
-        blocks.append(Block(page, language, start, "\n".join(body) + "\n"))
+        blocks.append(Block(page, language, origin, start, "\n".join(body) + "\n"))
     return blocks
 
 
@@ -176,7 +205,7 @@ RUN_SNIPPETS = textwrap.dedent(
 
 def run_snippets(page: Path, folder: Path) -> subprocess.CompletedProcess[str]:
     snippets = [
-        {"path": str(b.page), "line": b.line, "text": b.text}
+        {"path": str(b.origin), "line": b.line, "text": b.text}
         for b in python_blocks(page)
         if b.file_name is None
     ]
@@ -251,7 +280,7 @@ def console_sessions(page: Path) -> list[Session]:
         started = False
         for number, command, output in commands:
             words = shlex.split(command, comments=True)
-            where = f"{relative(page)}:{number}"
+            where = f"{relative(block.origin)}:{number}"
             argv = server_command(words, files)
             if argv is not None and not started:
                 sessions.append(Session(where, argv))
@@ -428,7 +457,7 @@ def test_quickstart_serves_created_then_read_items(project: Path) -> None:
 def test_only_listed_blocks_skip_the_tests() -> None:
     """A block marked as not run is one of the few listed here, with its reason."""
     marked = {
-        (relative(b.page), b.text.split("\n", 1)[0])
+        (relative(b.origin), b.text.split("\n", 1)[0])
         for page in PAGES
         for b in read_blocks(page)
         if b.language == "python" and b.not_run
