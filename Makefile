@@ -30,7 +30,7 @@ lint: $(STAMP)
 
 ## The documentation site (MkDocs), built with --strict into site/.
 docs: $(VENV)/.docs-installed
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 $(VENV)/.docs-installed: $(STAMP)
 	$(BIN)/python -m pip install -q --group docs

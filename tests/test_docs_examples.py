@@ -101,9 +101,12 @@ def page_lines(path: Path, section: str = "", indent: str = "") -> list[tuple[Pa
     """The lines of a page as the site shows them, each with the file and line it comes from."""
     numbered = list(enumerate(path.read_text().split("\n"), 1))
     if section:
-        marks = {(m[1], m[2]): i for i, (_, line) in enumerate(numbered) if (m := SECTION.search(line))}
+        marks = {
+            (m[1], m[2]): i for i, (_, line) in enumerate(numbered) if (m := SECTION.search(line))
+        }
         start, end = marks.get(("start", section)), marks.get(("end", section))
-        assert start is not None and end is not None, f"{relative(path)} has no section {section}"
+        assert start is not None, f"{relative(path)} has no [start:{section}]"
+        assert end is not None, f"{relative(path)} has no [end:{section}]"
         numbered = numbered[start + 1 : end]
     lines: list[tuple[Path, int, str]] = []
     for number, line in numbered:
@@ -406,8 +409,13 @@ def test_test_files_pass_under_pytest(page: Path, project: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    shown = sum(
+        len(re.findall(r"^(?:async )?def test_", block.text, flags=re.MULTILINE))
+        for name, block in files_of(page).items()
+        if Path(name).name.startswith("test_")
+    )
     summary = result.stdout.strip().rsplit("\n", 1)[-1]
-    assert re.fullmatch(r"=+ \d+ passed in .*", summary), result.stdout
+    assert re.fullmatch(rf"=+ {shown} passed in .*", summary), result.stdout
 
 
 SERVED_PAGES = [p for p in checked(PAGES) if console_sessions(p)]
