@@ -462,6 +462,29 @@ def test_quickstart_serves_created_then_read_items(project: Path) -> None:
         httpx.get(base_url, timeout=5)
 
 
+def test_application_files_type_check_under_mypy_strict(tmp_path: Path) -> None:
+    """The apps the pages show pass ``mypy --strict``: ``db.session`` is typed as the
+    session class given (SQLModel's ``.exec()`` included), with no casts."""
+    shown: dict[str, Block] = {}
+    for page in checked(PAGES):
+        for name, block in files_of(page).items():
+            if not Path(name).name.startswith(("test_", "conftest")):
+                assert shown.setdefault(name, block).text == block.text, (
+                    f"{block.where()} and {shown[name].where()} show two different {name}"
+                )
+    for name, block in shown.items():
+        (tmp_path / name).write_text(block.text)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *sorted(shown)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_only_listed_blocks_skip_the_tests() -> None:
     """A block marked as not run is one of the few listed here, with its reason."""
     marked = {
