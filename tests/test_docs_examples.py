@@ -301,9 +301,12 @@ def free_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def serve(argv: list[str], folder: Path) -> Iterator[str]:
-    """Run a server on a free loopback port until the block ends; yield its base URL."""
+class PortTaken(Exception):
+    """Another process bound the free port before the server did."""
+
+
+def start_server(argv: list[str], folder: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start the server on a free loopback port and wait until it answers."""
     port = free_port()
     log_path = folder / f"server-{port}.log"
     with log_path.open("wb") as log:
@@ -317,25 +320,48 @@ def serve(argv: list[str], folder: Path) -> Iterator[str]:
             start_new_session=True,
         )
     base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            log_text = log_path.read_text()
+            if "address already in use" in log_text:
+                raise PortTaken(log_text)
+            raise AssertionError(f"the server exited:\n{log_text}")
+        if time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError(f"no answer within {STARTUP_TIMEOUT}s:\n{log_path.read_text()}")
+        try:
+            httpx.get(base_url, timeout=5)
+            return process, base_url, log_path
+        except httpx.TransportError:
+            time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl+C, as the reader stops it; SIGKILL if it does not end."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def serve(argv: list[str], folder: Path) -> Iterator[str]:
+    """Run a server on a free loopback port until the block ends; yield its base URL."""
+    for attempt in range(3):
+        try:
+            process, base_url, log_path = start_server(argv, folder)
+            break
+        except PortTaken:
+            if attempt == 2:
+                raise
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert process.poll() is None, f"the server exited:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no answer:\n{log_path.read_text()}"
-            try:
-                httpx.get(base_url, timeout=5)
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
         yield base_url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)  # Ctrl+C, as the reader stops it
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process)
     log = log_path.read_text()
     assert "Traceback" not in log, log
     assert "ERROR" not in log, log
