@@ -81,4 +81,6 @@ def test_docs_site_nav_lists_every_page() -> None:
     """Each page of docs/ is reachable from the site's navigation."""
     config = (REPO_ROOT / "mkdocs.yml").read_text()
     in_nav = set(re.findall(r"^  - [^:]+: (\S+\.md)$", config, flags=re.MULTILINE))
-    assert in_nav == {p.name for p in (REPO_ROOT / "docs").glob("*.md")}
+    pages = {p.name for p in (REPO_ROOT / "docs").glob("*.md")}
+    assert pages - in_nav == set(), "add these pages to the nav in mkdocs.yml"
+    assert in_nav - pages == set(), "the nav in mkdocs.yml names pages that do not exist"
