@@ -21,6 +21,11 @@ hand-kept copy that could drift. The rules for writing a page:
   after it on the page is sent to that server; its output must match the lines
   shown under it (``...`` stands for anything). Other commands (installs,
   ``make test``) are not run.
+- The files that are not tests pass ``mypy --strict``, as a user's strict
+  project would check them.
+- A docs page is read as the site shows it: a ``--8<-- "FILE:section"`` line
+  includes that part of FILE (so the README's Quickstart file is on the Testing
+  page too). A served example is checked on the page that writes it.
 """
 
 from __future__ import annotations
