@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["BlockingSessionWarning", "ConcurrentSessionError", "MissingSessionError"]
+__all__ = [
+    "BlockingSessionWarning",
+    "ConcurrentSessionError",
+    "MissingSessionError",
+    "ReadOnlySessionError",
+]
 
 
 class MissingSessionError(RuntimeError):
@@ -11,6 +16,10 @@ class MissingSessionError(RuntimeError):
 
 class ConcurrentSessionError(RuntimeError):
     """One session was used by two tasks or threads at the same time."""
+
+
+class ReadOnlySessionError(RuntimeError):
+    """A read-only request's session (reading from a replica) was asked to write."""
 
 
 class BlockingSessionWarning(RuntimeWarning):
@@ -58,4 +67,11 @@ INSTALLED_TWICE = (
     "DBSessionMiddleware is installed twice for {db!r}. "
     "Each request already gets its session from the outer middleware, so the inner one "
     "does nothing. Remove one of the add_middleware(DBSessionMiddleware, db=...) calls."
+)
+
+REPLICA_WRITE = (
+    "This request tried to {what}, but its route is read-only ({policy}). "
+    "A read-only route's session reads from a replica, and a replica cannot write. "
+    "Remove read_only=True from the route's transaction_policy(), or pass replica=False "
+    "to keep it on the primary (its writes are still rolled back)."
 )
