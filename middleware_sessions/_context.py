@@ -23,6 +23,8 @@ class Holder:
     session: Any = None
     open: bool = True
     rollback_only: bool = False
+    # The request's ASGI scope, for a database with replicas (its route may be read-only).
+    scope: Any = None
 
     def empty(self) -> Any:
         """Empty the slot for good (it never fills again) and return what it held."""

@@ -13,14 +13,14 @@ import anyio
 from sqlalchemy import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
-from typing_extensions import TypeVar
+from typing_extensions import TypeVar, Unpack
 
 from . import _hooks
 from ._binding import Binding, bind
 from ._context import Holder
 from ._flavour import ASYNC, SYNC, Flavour, finish
 from ._override import Override
-from ._types import AsyncSessionOptions, AsyncSessionT, SessionOptions, SessionT
+from ._types import AsyncSessionOptions, AsyncSessionT, ReplicaOptions, SessionOptions, SessionT
 from .exceptions import (
     BLOCKING_USE,
     NO_SESSION,
@@ -54,9 +54,16 @@ class _BaseDatabase(Generic[S]):
         engine: Any,
         engine_options: Mapping[str, Any] | None,
         session_options: Mapping[str, Any] | None,
+        replica_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._binding = bind(
-            self._flavour, type(self).__name__, url, engine, engine_options, session_options
+            self._flavour,
+            type(self).__name__,
+            url,
+            engine,
+            engine_options,
+            session_options,
+            replica_options,
         )
         # Named after the database, so a missing session can say which others are here.
         self._var: ContextVar[Holder | None] = ContextVar(_VAR_PREFIX + repr(self))
@@ -85,7 +92,14 @@ class _BaseDatabase(Generic[S]):
             if not holder.open:
                 raise MissingSessionError(SESSION_CLOSED)
             # A closed request session must fail loudly, never quietly start over.
-            session = holder.session = self._binding.sessionmaker(close_resets_only=False)
+            binding = self._binding
+            if binding.replicas is None or holder.scope is None:
+                session = binding.sessionmaker(close_resets_only=False)
+            else:
+                session = binding.replicas.session_for(holder.scope, self._flavour)
+                if session is None:
+                    session = binding.sessionmaker(close_resets_only=False)
+            holder.session = session
         if self._check_loop and _running_loop() is not None:
             self._used_on_event_loop()
         return session  # type: ignore[no-any-return]
@@ -207,6 +221,7 @@ class Database(_BaseDatabase[SessionT]):
             session_options: SessionOptions[SessionT],
             blocking_check: BlockingCheck = "warn",
             on_event_loop: BlockingCheck | None = None,
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
         @overload
@@ -219,6 +234,7 @@ class Database(_BaseDatabase[SessionT]):
             session_options: Mapping[str, Any] | None = None,
             blocking_check: BlockingCheck = "warn",
             on_event_loop: BlockingCheck | None = None,
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
     def __init__(
@@ -230,6 +246,7 @@ class Database(_BaseDatabase[SessionT]):
         session_options: Mapping[str, Any] | None = None,
         blocking_check: BlockingCheck = "warn",
         on_event_loop: BlockingCheck | None = None,
+        **replica_options: Unpack[ReplicaOptions],
     ) -> None:
         if on_event_loop is not None:
             warnings.warn(
@@ -247,7 +264,7 @@ class Database(_BaseDatabase[SessionT]):
             )
         self._blocking_check = blocking_check
         self._check_loop = blocking_check != "ignore"
-        super().__init__(url, engine, engine_options, session_options)
+        super().__init__(url, engine, engine_options, session_options, replica_options)
 
     @property
     def engine(self) -> Engine:
@@ -309,6 +326,7 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
             engine: AsyncEngine | None = None,
             engine_options: Mapping[str, Any] | None = None,
             session_options: AsyncSessionOptions[AsyncSessionT],
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
         @overload
@@ -319,6 +337,7 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
             engine: AsyncEngine | None = None,
             engine_options: Mapping[str, Any] | None = None,
             session_options: Mapping[str, Any] | None = None,
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
     def __init__(
@@ -328,8 +347,9 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
         engine: AsyncEngine | None = None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        **replica_options: Unpack[ReplicaOptions],
     ) -> None:
-        super().__init__(url, engine, engine_options, session_options)
+        super().__init__(url, engine, engine_options, session_options, replica_options)
 
     @property
     def engine(self) -> AsyncEngine:

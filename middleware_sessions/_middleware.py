@@ -19,6 +19,8 @@ from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
+from ._replicas import Replay, Replicas, failed_replica, route_of
+from ._tokens import PRIMARY_ONLY, Tokens, insert_lsn, wrote
 from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 
 logger = logging.getLogger("middleware_sessions")
@@ -116,20 +118,27 @@ class DBSessionMiddleware:
             return
 
         request = _Request(self, scope, send)
+        replicas = self.db._binding.replicas
+        if replicas is not None:
+            receive = request.use_replicas(replicas, receive)
         var = self.db._var
         token = var.set(request.holder)
         app_failed = True
         try:
-            try:
-                await self.app(scope, receive, request.send)
-                app_failed = False
-            except _CommitFailed:
-                pass  # the real error is raised below, outside this handler
-            except BaseException as exc:
-                if not (request.error is not None and _only_commit_failed(exc)):
-                    if await request.answered(exc):
-                        return
-                    raise
+            while True:
+                try:
+                    await self.app(scope, receive, request.send)
+                    app_failed = False
+                except _CommitFailed:
+                    pass  # the real error is raised below, outside this handler
+                except BaseException as exc:
+                    if not (request.error is not None and _only_commit_failed(exc)):
+                        if replicas is not None and await request.read_again(exc):
+                            continue
+                        if await request.answered(exc):
+                            return
+                        raise
+                break
             if request.error is not None:
                 # Raised here, so the framework logs the database error itself and
                 # sends its 500 (the start message never went out).
@@ -170,9 +179,12 @@ class DBSessionMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 binding = self.db._binding
-                if binding.owns_engine:
+                engines = [binding.engine] if binding.owns_engine else []
+                if binding.replicas is not None:
+                    engines += binding.replicas.owned_engines
+                for engine in engines:
                     try:
-                        await self.db._flavour.dispose(binding.engine)
+                        await self.db._flavour.dispose(engine)
                     except Exception:
                         logger.error(
                             "Disposing of the database engine at shutdown failed.", exc_info=True
@@ -194,12 +206,53 @@ class _Request:
     started = False
     error: BaseException | None = None
     poisoned = False
+    # With read replicas: the database's replicas, and the request's receive, replayable.
+    replicas: Replicas | None = None
+    replay: Replay | None = None
 
     def __init__(self, middleware: DBSessionMiddleware, scope: Scope, send: Send) -> None:
         self.middleware = middleware
         self.scope = scope
         self._send = send
         self.holder = Holder()
+
+    def use_replicas(self, replicas: Replicas, receive: Receive) -> Receive:
+        """Let a read-only route's ``db.session`` read from a replica; returns the receive to use."""
+        self.replicas = replicas
+        self.holder.scope = self.scope
+        self.replay = Replay(receive)
+        return self.replay.receive
+
+    async def read_again(self, exc: BaseException) -> bool:
+        """Run a read-only request again on the primary if its replica failed it.
+
+        Only before anything was sent, and only a request without a body (one that
+        can be replayed). True if the app should be called again.
+        """
+        session = self.holder.session
+        if session is None or self.started or self.replay is None:
+            return False
+        replicas = self.replicas
+        flavour = self.middleware.db._flavour
+        replica = failed_replica(flavour.sync_session(session), exc)
+        if replicas is None or replica is None or not self.replay.rewind():
+            return False
+        replicas.set.skip(replica, "failed a read")
+        logger.warning(
+            "Reading from replica %s failed for %s; reading from the primary instead.",
+            replica.name,
+            self._where(),
+        )
+        with anyio.CancelScope(shield=True):
+            try:
+                await flavour.finish(session, commit=False, discard_connection=True)
+            except Exception:
+                logger.debug("Discarding the failed replica session raised.", exc_info=True)
+        # The same holder, now without a scope: the next db.session is on the primary.
+        self.holder.session = None
+        self.holder.scope = None
+        self.replay = None
+        return True
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
@@ -232,8 +285,32 @@ class _Request:
             except Exception as exc:
                 self.error = middleware.redact_in_place(exc)
                 raise _CommitFailed from exc
+        if self.replicas is not None and self.replicas.tokens is not None:
+            message = await self._with_token(self.replicas.tokens, session, message)
         self.started = True
         await self._send(message)
+
+    async def _with_token(self, tokens: Tokens, session: Any, message: Message) -> Message:
+        """The start message with a read-your-writes cookie, if the request wrote."""
+        flavour = self.middleware.db._flavour
+        sync_session = flavour.sync_session(session)
+        if not wrote(sync_session) or route_of(sync_session) is not None:
+            return message
+        try:
+            with anyio.CancelScope(shield=True):
+                value = tokens.sign(await flavour.run(session, insert_lsn))
+        except Exception:
+            # Committed, but where to? The cookie then sends reads to the primary.
+            logger.warning(
+                "Could not read the primary's WAL position after %s; this client reads "
+                "from the primary until its %s cookie expires.",
+                self._where(),
+                tokens.cookie,
+                exc_info=True,
+            )
+            value = PRIMARY_ONLY
+        headers = [*message.get("headers", ()), tokens.header(value)]
+        return {**message, "headers": headers}
 
     async def answered(self, exc: BaseException) -> bool:
         """Deal with an exception escaping the app: True if a response was sent instead.

@@ -1,4 +1,4 @@
-"""Read replicas: which server a read-only request reads from, and read-your-writes tokens.
+"""Read replicas: which server a read-only request reads from.
 
 A read-only request's session chooses its server lazily, the first time it needs a
 connection (``get_bind``), so a request that never queries probes nothing. The
@@ -16,28 +16,33 @@ request reads from the primary.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import itertools
 import logging
-import secrets
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import URL, Engine, event, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.sql.elements import TextClause
+from starlette.types import Message, Receive, Scope
 
+from ._config import check_driver, check_engine, engine_kwargs, parse_url, safe_url
+from ._flavour import Flavour
+from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
+from ._policy import Policy
+from ._tokens import UNVERIFIED, Tokens, track_writes
 from .exceptions import REPLICA_WRITE, ReadOnlySessionError
 
 logger = logging.getLogger("middleware_sessions")
 
-# Above any real LSN: a token that cannot be verified sends the read to the primary.
-UNVERIFIED: Final = 1 << 64
+DEFAULT_MAX_LAG: Final = 5.0
+DEFAULT_WAIT: Final = 0.1
+DEFAULT_COOKIE: Final = "db_lsn"
+QUARANTINE: Final = 2.0  # seconds a replica found unfit is skipped
 _RECHECK: Final = 1.0  # seconds a probe result is trusted at most
 _WAIT_STEP: Final = 0.002  # seconds between two looks at the replay position
 
@@ -47,11 +52,7 @@ _PROBE: Final = text(
     "ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), "
     "1e9) END::float8"
 )
-# At or after the end of the commit record of the transaction just committed on this
-# connection, even with synchronous_commit=off (the insert position, not the flushed one).
-_INSERT_LSN: Final = text("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
 _ROUTE: Final = "middleware_sessions.replica_route"
-_WROTE: Final = "middleware_sessions.wrote"
 
 
 def lsn_text(lsn: int) -> str:
@@ -100,7 +101,7 @@ class ReplicaSet:
     def _on_error(self, replica: Replica) -> Any:
         def on_error(context: Any) -> None:
             if context.is_disconnect:
-                self._skip(replica, "lost its connection")
+                self.skip(replica, "lost its connection")
 
         return on_error
 
@@ -155,19 +156,20 @@ class ReplicaSet:
                         f"PERFORM pg_sleep({_WAIT_STEP}); END LOOP; END $$"
                     )
                 lsn, lag = conn.execute(_PROBE).one()
-        except DBAPIError:
-            self._skip(replica, "is unreachable")
+        except Exception:  # refused, reset, timed out, or failing: unfit either way
+            self.skip(replica, "is unreachable")
             return None
         if lsn is None:
-            self._skip(replica, "is not in recovery (not a streaming replica)")
+            self.skip(replica, "is not in recovery (not a streaming replica)")
             return None
         if lag > self.max_lag:
-            self._skip(replica, f"lags {lag:.1f}s behind (max_replica_lag={self.max_lag:g})")
+            self.skip(replica, f"lags {lag:.1f}s behind (max_replica_lag={self.max_lag:g})")
             return None
         replica.health = health = _Health(time.monotonic(), int(lsn), float(lag))
         return health
 
-    def _skip(self, replica: Replica, why: str) -> None:
+    def skip(self, replica: Replica, why: str) -> None:
+        """Skip ``replica`` for the quarantine; say so once, not once per request."""
         now = time.monotonic()
         if replica.skip_until <= now:
             logger.warning(
@@ -175,63 +177,6 @@ class ReplicaSet:
             )
         replica.skip_until = now + self.quarantine
         replica.health = None
-
-
-# -- Read-your-writes tokens -------------------------------------------------------------
-
-
-class Tokens:
-    """Signs and checks read-your-writes tokens: ``<lsn hex>.<HMAC-SHA256, 16 bytes>``.
-
-    With no ``secret`` a random one is made per process: a token signed by another
-    process cannot be checked, so its request reads from the primary (correct, just
-    not offloaded). Give every worker the same secret to share tokens.
-    """
-
-    def __init__(self, cookie: str, secret: str | bytes | None) -> None:
-        self.cookie: Final = cookie
-        if secret is None:
-            key = secrets.token_bytes(32)
-        else:
-            key = secret.encode() if isinstance(secret, str) else bytes(secret)
-        self._key = key
-        self._prefix = cookie.encode() + b"\0"
-
-    def sign(self, lsn: int) -> str:
-        """The token for ``lsn``."""
-        body = f"{lsn:x}"
-        return f"{body}.{self._mac(body)}"
-
-    def read(self, value: str) -> int:
-        """The LSN in a token, or ``UNVERIFIED`` if the token is malformed or not ours."""
-        body, _, mac = value.partition(".")
-        if len(body) > 16 or not hmac.compare_digest(mac, self._mac(body)):
-            return UNVERIFIED
-        try:
-            return int(body, 16)
-        except ValueError:
-            return UNVERIFIED
-
-    def _mac(self, body: str) -> str:
-        digest = hmac.new(self._key, self._prefix + body.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
-
-    def from_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> int | None:
-        """The token in an ASGI request's ``cookie`` headers, if any."""
-        wanted = self.cookie.encode() + b"="
-        for name, value in headers:
-            if name != b"cookie" or wanted not in value:
-                continue
-            for part in value.split(b";"):
-                part = part.strip()
-                if part.startswith(wanted):
-                    return self.read(part[len(wanted) :].decode("latin-1"))
-        return None
-
-    def header(self, lsn: int, max_age: int) -> tuple[bytes, bytes]:
-        """The ``set-cookie`` header carrying the token for ``lsn``."""
-        value = f"{self.cookie}={self.sign(lsn)}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax"
-        return (b"set-cookie", value.encode("latin-1"))
 
 
 # -- Sessions ----------------------------------------------------------------------------
@@ -300,36 +245,157 @@ def _refuse_dml(state: ORMExecuteState) -> None:
         _refuse(state.session, "run an INSERT, UPDATE or DELETE")
 
 
-def track_writes(cls: type[Session]) -> None:
-    """Mark sessions of ``cls`` that may have written, so only they read the WAL position."""
-    event.listen(cls, "after_flush", _wrote_flush)
-    event.listen(cls, "do_orm_execute", _wrote_statement)
+# -- A database's replicas ---------------------------------------------------------------
+
+REPLICA_OPTIONS: Final = frozenset(
+    {
+        "replicas",
+        "replica_engines",
+        "max_replica_lag",
+        "replica_wait",
+        "replica_cookie",
+        "replica_secret",
+    }
+)
 
 
-def _wrote_flush(session: Session, _context: Any) -> None:
-    session.info[_WROTE] = True
+@dataclass(frozen=True)
+class Replicas:
+    """What a database with replicas adds to its binding."""
+
+    set: ReplicaSet
+    sessionmaker: Any  # routed sessions; their default bind is the primary
+    tokens: Tokens | None
+    owned_engines: tuple[Any, ...]  # engines created here, disposed at shutdown
+
+    def session_for(self, scope: Scope, flavour: Flavour[Any]) -> Any:
+        """A routed session if the request's route is read-only on replicas, else ``None``."""
+        endpoint = scope.get("endpoint")
+        policy: Policy | None = getattr(endpoint, POLICY_ATTRIBUTE, None)
+        if policy is None or not policy.read_only or not policy.replica:
+            return None
+        session = self.sessionmaker(close_resets_only=False)
+        tokens = self.tokens
+        token = None if tokens is None else tokens.from_headers(scope.get("headers", ()))
+        where = f"@transaction_policy(read_only=True) on {scope.get('method')} {scope.get('path')}"
+        bind_route(flavour.sync_session(session), Route(self.set, token, where))
+        return session
 
 
-def _wrote_statement(state: ORMExecuteState) -> None:
-    if state.is_select:
-        return
-    statement = state.statement
-    if isinstance(statement, TextClause) and statement.text.lstrip()[:6].lower() == "select":
-        return
-    state.session.info[_WROTE] = True
+def build_replicas(
+    flavour: Flavour[Any],
+    cls_name: str,
+    primary: Any,
+    primary_factory: Any,
+    engine_options: Mapping[str, Any] | None,
+    session_options: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> Replicas | None:
+    """Validate the replica options and build the replicas; ``None`` when there are none."""
+    for name in options.keys() - REPLICA_OPTIONS:
+        raise TypeError(f"{cls_name}() got an unexpected keyword argument {name!r}")
+    urls = [parse_url(url, cls_name=cls_name) for url in options.get("replicas") or ()]
+    given = list(options.get("replica_engines") or ())
+    if not urls and not given:
+        return None
+    max_lag = _seconds(cls_name, "max_replica_lag", options.get("max_replica_lag", DEFAULT_MAX_LAG))
+    wait = _seconds(cls_name, "replica_wait", options.get("replica_wait", DEFAULT_WAIT))
+    cookie = options.get("replica_cookie", DEFAULT_COOKIE)
+    tokens = None
+    if cookie is not None:
+        tokens = Tokens(cookie, options.get("replica_secret"), max_age=max(1, math.ceil(max_lag)))
+    _check_postgres(cls_name, "the primary", getattr(primary, "sync_engine", primary).url)
+    for url in urls:
+        check_driver(url, want_async=flavour.is_async, cls_name=cls_name)
+        _check_postgres(cls_name, "replicas=[...]", url)
+    for engine in given:
+        check_engine(engine, want_async=flavour.is_async, cls_name=cls_name)
+        _check_postgres(cls_name, "replica_engines=[...]", engine.url)
+    owned = tuple(
+        flavour.create_engine(url, engine_kwargs(url, engine_options, is_async=flavour.is_async))
+        for url in urls
+    )
+    engines = [*owned, *given]
+    names = [safe_url(engine.url) for engine in engines]
+    replica_set = ReplicaSet(
+        [getattr(e, "sync_engine", e) for e in engines],
+        names,
+        max_lag=max_lag,
+        wait=wait,
+        quarantine=QUARANTINE,
+    )
+    routed_options = dict(session_options)
+    if flavour.is_async:
+        async_class = routed_options.get("class_", AsyncSession)
+        base = routed_options.get("sync_session_class") or async_class.sync_session_class
+        routed_options["sync_session_class"] = routed_class(base)
+        primary_class = primary_factory.kw["sync_session_class"]
+    else:
+        routed_options["class_"] = routed_class(routed_options.get("class_", Session))
+        primary_class = primary_factory.class_
+    if tokens is not None:
+        track_writes(primary_class)
+    return Replicas(replica_set, flavour.sessionmaker(primary, routed_options), tokens, owned)
 
 
-def wrote(session: Session) -> bool:
-    """Whether ``session`` flushed or executed something other than a SELECT."""
-    return bool(session.info.get(_WROTE))
+def _seconds(cls_name: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"{cls_name}() got {name}={value!r}. It is a number of seconds. "
+            f"Pass a number >= 0, e.g. {name}=1.0."
+        )
+    return float(value)
 
 
-def insert_lsn(session: Session) -> int:
-    """The primary's WAL insert position, read after the commit (sync; run it off the loop).
+def _check_postgres(cls_name: str, what: str, url: URL) -> None:
+    if url.get_backend_name() != "postgresql":
+        raise ValueError(
+            f"{cls_name}() got read replicas, but {what} is not PostgreSQL "
+            f"({url.get_backend_name()!r}). "
+            "Replicas are chosen by their WAL replay position, which only PostgreSQL "
+            "streaming replication gives. Use PostgreSQL URLs for the primary and replicas."
+        )
 
-    Call it once the transaction has committed: the position is then at or after
-    that commit's record, which is what a replica must have replayed to show it.
-    """
-    session.info.pop(_WROTE, None)
-    lsn: int = session.execute(_INSERT_LSN).scalar_one()
-    return lsn
+
+def failed_replica(session: Session, exc: BaseException) -> Replica | None:
+    """The replica whose lost connection made a read-only request fail, if that is what happened."""
+    route = route_of(session)
+    if route is None or route.chosen is None:
+        return None
+    if isinstance(exc, OSError):  # some drivers let a refused or reset connect through as is
+        return route.chosen
+    if not isinstance(exc, DBAPIError):
+        return None
+    # Not an error the server reported about the statement (those would repeat on the
+    # primary, or must stand: a write refused by the replica): a connection that failed.
+    code = getattr(exc.orig, "sqlstate", None)
+    if exc.connection_invalidated or code is None or code[:2] == "08" or code[:3] == "57P":
+        return route.chosen
+    return None
+
+
+class Replay:
+    """A ``receive`` that remembers a bodiless request, so it can be run again on the primary."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._seen: list[Message] | None = []  # None once a body (or a disconnect) was read
+        self._again: list[Message] = []
+
+    async def receive(self) -> Message:
+        if self._again:
+            return self._again.pop(0)
+        message = await self._receive()
+        if self._seen is not None:
+            if message["type"] == "http.request" and not message.get("body"):
+                self._seen.append(message)
+            else:
+                self._seen = None
+        return message
+
+    def rewind(self) -> bool:
+        """Start over for a second run; ``False`` if the app read a body (not replayable)."""
+        if self._seen is None:
+            return False
+        self._again = list(self._seen)
+        return True

@@ -14,17 +14,8 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from middleware_sessions._replicas import (
-    UNVERIFIED,
-    ReplicaSet,
-    Route,
-    Tokens,
-    bind_route,
-    insert_lsn,
-    routed_class,
-    track_writes,
-    wrote,
-)
+from middleware_sessions._replicas import ReplicaSet, Route, bind_route, routed_class
+from middleware_sessions._tokens import UNVERIFIED, Tokens, insert_lsn, track_writes, wrote
 from middleware_sessions.exceptions import ReadOnlySessionError
 
 from ._replica import Replication
@@ -273,24 +264,24 @@ async def test_the_async_flavour_reads_the_position_after_commit(
 
 
 def test_tokens_are_signed() -> None:
-    tokens = Tokens("lsn", "s3cret")
+    tokens = Tokens("lsn", "s3cret", 5)
     assert tokens.read(tokens.sign(0x16B3748)) == 0x16B3748
     forged = tokens.sign(5).replace("5.", "6.", 1)
     assert tokens.read(forged) == UNVERIFIED
     assert tokens.read("garbage") == UNVERIFIED
-    assert Tokens("lsn", "another").read(tokens.sign(5)) == UNVERIFIED
-    assert Tokens("other", "s3cret").read(tokens.sign(5)) == UNVERIFIED
+    assert Tokens("lsn", "another", 5).read(tokens.sign(5)) == UNVERIFIED
+    assert Tokens("other", "s3cret", 5).read(tokens.sign(5)) == UNVERIFIED
 
 
 def test_tokens_without_a_secret_are_only_accepted_by_their_own_process() -> None:
-    one, two = Tokens("lsn", None), Tokens("lsn", None)
+    one, two = Tokens("lsn", None, 5), Tokens("lsn", None, 5)
     assert one.read(one.sign(7)) == 7
     assert two.read(one.sign(7)) == UNVERIFIED
 
 
 def test_a_token_is_found_among_the_request_cookies() -> None:
-    tokens = Tokens("db_lsn", "k")
-    name, value = tokens.header(42, max_age=5)
+    tokens = Tokens("db_lsn", "k", max_age=5)
+    name, value = tokens.header(tokens.sign(42))
     assert name == b"set-cookie"
     assert value.startswith(b"db_lsn=")
     assert b"; Max-Age=5; Path=/; HttpOnly; SameSite=Lax" in value
