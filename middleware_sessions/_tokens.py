@@ -25,9 +25,18 @@ UNVERIFIED: Final = 1 << 64
 PRIMARY_ONLY: Final = "primary"
 
 # At or after the end of the commit record of the transaction just committed on this
-# session's connection, even with synchronous_commit=off (the insert position, not
-# the flushed one; a replica receives it once the primary has flushed it).
-_INSERT_LSN: Final = text("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
+# session's connection, even with synchronous_commit=off: the insert position, not the
+# flushed one (a replica receives it once the primary has flushed it). Right after a
+# record that filled its page, the insert position points past the next page's header
+# (24 bytes; 40 on a segment's first page), where no record ends: a replica's replay
+# position would stop 24 or 40 bytes short of it until the next write. Those cases map
+# back to the page boundary, where the last record did end.
+_INSERT_LSN: Final = text(
+    "SELECT CASE WHEN pos % seg = 40 THEN pos - 40 WHEN pos % page = 24 THEN pos - 24 "
+    "ELSE pos END FROM (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS pos, "
+    "current_setting('wal_block_size')::bigint AS page, "
+    "pg_size_bytes(current_setting('wal_segment_size')) AS seg) AS insert_position"
+)
 _WROTE: Final = "middleware_sessions.wrote"
 _COOKIE_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 

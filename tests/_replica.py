@@ -110,7 +110,9 @@ class ReplicaServer(PostgresServer):
 
     def catch_up(self, timeout: float = _TIMEOUT) -> None:
         """Wait until the replica has applied everything the primary wrote so far."""
-        target = lsn_to_int(self.primary.psql("SELECT pg_current_wal_insert_lsn()").strip())
+        # The write position: past every commit psql made (they are synchronous), and
+        # never past the end of a record (the insert position can be, by a page header).
+        target = lsn_to_int(self.primary.psql("SELECT pg_current_wal_lsn()").strip())
         deadline = time.monotonic() + timeout
         while self.replay_lsn() < target:
             if time.monotonic() > deadline:

@@ -290,3 +290,17 @@ def test_a_token_is_found_among_the_request_cookies() -> None:
     assert tokens.from_headers(headers) == 42
     assert tokens.from_headers([(b"cookie", b"a=1")]) is None
     assert tokens.from_headers([]) is None
+
+
+def test_a_token_read_at_a_page_boundary_is_reached_by_the_replica(
+    replicated: Replication, engines: tuple[Engine, Engine]
+) -> None:
+    """After a WAL switch the insert position sits past a page header; the token must not."""
+    primary, _ = engines
+    write_and_commit(primary, "before-the-switch")
+    replicated.primary.psql("SELECT pg_switch_wal()")
+    with sessionmaker(primary)() as session:
+        token = insert_lsn(session)
+    # Caught up with all the primary wrote (its write position, where records end).
+    replicated.replica.catch_up()
+    assert replicated.replica.replay_lsn() >= token
