@@ -205,6 +205,15 @@ class Database(_BaseDatabase[SessionT]):
     is used on the event loop thread (an ``async def`` route), where it would block
     every other request: ``"warn"`` (a ``BlockingSessionWarning``), ``"raise"`` or
     ``"ignore"``.
+
+    ``replicas=[url, ...]`` (or ``replica_engines=[...]``) adds PostgreSQL streaming
+    replicas: a request whose route is ``@transaction_policy(read_only=True)`` reads
+    from one, and everything else stays on the primary. ``max_replica_lag`` (seconds,
+    default 5) bounds how stale a replica may be; after a request that wrote, the
+    response sets a signed cookie (``replica_cookie``, default ``"db_lsn"``; ``None``
+    for none, ``replica_secret`` shared by every worker) with which the same client's
+    reads wait up to ``replica_wait`` seconds (default 0.1) for a replica to replay
+    the write, else read from the primary. See docs/replicas.md.
     """
 
     _flavour = SYNC
@@ -308,7 +317,8 @@ class Database(_BaseDatabase[SessionT]):
 class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
     """An async database: an ``AsyncEngine``, an ``async_sessionmaker`` and ``db.session``.
 
-    Same arguments as ``Database``. Sessions default to ``expire_on_commit=False``,
+    Same arguments as ``Database`` (``replicas=[...]`` included, with async drivers).
+    Sessions default to ``expire_on_commit=False``,
     so objects stay readable after the commit without awaiting a reload. With
     ``session_options={"class_": sqlmodel.ext.asyncio.session.AsyncSession}``,
     ``db.session`` is a SQLModel session (``.exec()``), typed as such.
