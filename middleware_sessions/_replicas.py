@@ -155,6 +155,7 @@ class ReplicaSet:
                         f"EXIT WHEN pg_last_wal_replay_lsn() >= '{lsn_text(until)}'::pg_lsn; "
                         f"PERFORM pg_sleep({_WAIT_STEP}); END LOOP; END $$"
                     )
+                measured_at = time.monotonic()  # before: the age is never underestimated
                 lsn, lag = conn.execute(_PROBE).one()
         except Exception:  # refused, reset, timed out, or failing: unfit either way
             self.skip(replica, "is unreachable")
@@ -165,7 +166,7 @@ class ReplicaSet:
         if lag > self.max_lag:
             self.skip(replica, f"lags {lag:.1f}s behind (max_replica_lag={self.max_lag:g})")
             return None
-        replica.health = health = _Health(time.monotonic(), int(lsn), float(lag))
+        replica.health = health = _Health(measured_at, int(lsn), float(lag))
         return health
 
     def skip(self, replica: Replica, why: str) -> None:

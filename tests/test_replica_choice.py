@@ -14,7 +14,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from middleware_sessions._replicas import ReplicaSet, Route, bind_route, routed_class
+from middleware_sessions._replicas import Replay, ReplicaSet, Route, bind_route, routed_class
 from middleware_sessions._tokens import UNVERIFIED, Tokens, insert_lsn, track_writes, wrote
 from middleware_sessions.exceptions import ReadOnlySessionError
 
@@ -304,3 +304,24 @@ def test_a_token_read_at_a_page_boundary_is_reached_by_the_replica(
     # Caught up with all the primary wrote (its write position, where records end).
     replicated.replica.catch_up()
     assert replicated.replica.replay_lsn() >= token
+
+
+async def test_a_bodiless_request_can_be_received_again() -> None:
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    replay = Replay(receive)
+    first = await replay.receive()
+    assert replay.rewind()
+    assert await replay.receive() == first
+
+
+async def test_a_request_with_a_body_cannot_be_received_again() -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    replay = Replay(receive)
+    await replay.receive()
+    assert not replay.rewind()

@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
@@ -334,3 +334,20 @@ def test_without_replicas_nothing_changes(replicated: Replication) -> None:
         assert db._binding.replicas is None
     finally:
         db.engine.dispose()
+
+
+async def test_a_raw_write_the_replica_refuses_is_not_run_again_on_the_primary(
+    make_db: Make,
+) -> None:
+    db = make_db()
+    app = build_app(db)
+
+    def raw_insert(session: Session, name: str) -> None:
+        session.execute(text("INSERT INTO items (name) VALUES (:name)"), {"name": name})
+
+    app.add_api_route(
+        "/raw", transaction_policy(read_only=True)(_endpoint(db, raw_insert)), methods=["POST"]
+    )
+    async with client_for(app) as client:
+        assert (await client.post("/raw", params={"name": "raw"})).status_code == 500
+        assert (await client.get("/plain", params={"name": "raw"})).json()["found"] is False
