@@ -325,3 +325,12 @@ async def test_a_request_with_a_body_cannot_be_received_again() -> None:
     replay = Replay(receive)
     await replay.receive()
     assert not replay.rewind()
+
+
+def test_a_server_that_is_not_in_recovery_is_not_used_as_a_replica(
+    engines: tuple[Engine, Engine], caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, _ = engines
+    with caplog.at_level(logging.WARNING, "middleware_sessions"):
+        assert replica_set(primary).choose(None) is None
+    assert "is not in recovery" in caplog.text

@@ -13,7 +13,8 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, func, select, text
+from sqlalchemy import create_engine, delete, event, func, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 from starlette.testclient import TestClient
 
@@ -351,3 +352,59 @@ async def test_a_raw_write_the_replica_refuses_is_not_run_again_on_the_primary(
     async with client_for(app) as client:
         assert (await client.post("/raw", params={"name": "raw"})).status_code == 500
         assert (await client.get("/plain", params={"name": "raw"})).json()["found"] is False
+
+
+async def test_when_the_position_cannot_be_read_the_client_reads_from_the_primary(
+    make_db: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = make_db()
+    engine = db.engine.sync_engine if isinstance(db, AsyncDatabase) else db.engine
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def fail_position(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "pg_current_wal_insert_lsn" in statement:
+            raise RuntimeError("position unavailable")
+
+    async with client_for(build_app(db)) as client:
+        response = await client.post("/items", params={"name": "committed"})
+        assert response.status_code == 200  # the data is committed all the same
+        assert response.headers["set-cookie"].startswith("db_lsn=primary;")
+        read = (await client.get("/read", params={"name": "committed"})).json()
+    assert read == {"replica": False, "found": True}
+    assert "Could not read the primary's WAL position after POST /items" in caplog.text
+
+
+async def test_replica_engines_of_the_user_are_used_and_left_alone_at_shutdown(
+    make_db: Make, replicated: Replication
+) -> None:
+    probe = make_db()  # for its flavour
+    if isinstance(probe, AsyncDatabase):
+        engine: Any = create_async_engine(replicated.replica_url("asyncpg"))
+        sync_engine = engine.sync_engine
+    else:
+        engine = sync_engine = create_engine(replicated.replica_url("psycopg"))
+    closed: list[object] = []
+    event.listen(sync_engine, "close", lambda *args: closed.append(args[0]))
+    try:
+        db = make_db(replicas=[], replica_engines=[engine])
+        with TestClient(build_app(db)) as client:
+            assert client.get("/read").json()["replica"] is True
+        assert closed == []
+    finally:
+        await db._flavour.dispose(engine)
+
+
+async def test_an_orm_delete_in_a_read_only_route_is_refused(make_db: Make) -> None:
+    db = make_db()
+    app = build_app(db)
+
+    def orm_delete(session: Session, name: str) -> None:
+        session.execute(delete(Item).where(Item.name == name))
+
+    app.add_api_route(
+        "/delete", transaction_policy(read_only=True)(_endpoint(db, orm_delete)), methods=["POST"]
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with pytest.raises(ReadOnlySessionError, match="run an INSERT, UPDATE or DELETE"):
+            await client.post("/delete", params={"name": "x"})
