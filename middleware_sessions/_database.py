@@ -93,10 +93,10 @@ class _BaseDatabase(Generic[S]):
                 raise MissingSessionError(SESSION_CLOSED)
             # A closed request session must fail loudly, never quietly start over.
             binding = self._binding
-            if binding.replicas is None or holder.scope is None:
+            if binding.replicas is None or getattr(holder, "route_scope", None) is None:
                 session = binding.sessionmaker(close_resets_only=False)
             else:
-                session = binding.replicas.session_for(holder.scope, self._flavour)
+                session = binding.replicas.session_for(holder.route_scope, self._flavour)
                 if session is None:
                     session = binding.sessionmaker(close_resets_only=False)
             holder.session = session
