@@ -131,5 +131,15 @@ def insert_lsn(session: Session) -> int:
     that commit's record, which is what a replica must have replayed to show it.
     """
     session.info.pop(_WROTE, None)
-    lsn: int = session.execute(_INSERT_LSN).scalar_one()
+    if session.in_transaction():  # left open (rolled back at the end): read it in there
+        lsn: int = session.execute(_INSERT_LSN).scalar_one()
+        return lsn
+    # One round trip: no BEGIN and no COMMIT around the SELECT. The commit that ends
+    # this autocommit transaction sends nothing and gives the connection back, so
+    # work done after the response gets a real transaction again.
+    connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    try:
+        lsn = connection.execute(_INSERT_LSN).scalar_one()
+    finally:
+        session.commit()
     return lsn

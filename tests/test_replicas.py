@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from sqlalchemy import create_engine, delete, event, func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
@@ -408,3 +408,41 @@ async def test_an_orm_delete_in_a_read_only_route_is_refused(make_db: Make) -> N
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         with pytest.raises(ReadOnlySessionError, match="run an INSERT, UPDATE or DELETE"):
             await client.post("/delete", params={"name": "x"})
+
+
+async def test_work_after_a_tokened_response_is_still_one_transaction(make_db: Make) -> None:
+    """The position is read in autocommit mode; what a background task writes afterwards
+    is not: it is rolled back when the task fails."""
+    db = make_db()
+    app = build_app(db)
+
+    def fail_after_writing(session: Session) -> None:
+        add_item(session, "after")
+        raise RuntimeError("the background task failed")
+
+    if isinstance(db, AsyncDatabase):
+        adb = db
+
+        async def task() -> None:
+            await adb.session.run_sync(fail_after_writing)
+
+        async def write_then_task(background: BackgroundTasks) -> Any:
+            await adb.session.run_sync(add_item, "before")
+            background.add_task(task)
+
+        endpoint: Callable[..., Any] = write_then_task
+    else:
+        sdb = db
+
+        def sync_write_then_task(background: BackgroundTasks) -> Any:
+            add_item(sdb.session, "before")
+            background.add_task(lambda: fail_after_writing(sdb.session))
+
+        endpoint = sync_write_then_task
+    app.add_api_route("/write-then-task", endpoint, methods=["POST"])
+    async with client_for(app) as client:
+        response = await client.post("/write-then-task")
+        assert response.status_code == 200
+        assert response.headers["set-cookie"].startswith("db_lsn=")
+        assert (await client.get("/plain", params={"name": "before"})).json()["found"] is True
+        assert (await client.get("/plain", params={"name": "after"})).json()["found"] is False
