@@ -9,7 +9,7 @@ context finds nothing usable instead of a closed or foreign session.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -33,6 +33,9 @@ class Holder(Generic[S]):
     error: BaseException | None = None
     # Two tasks used the session at once: its connection may still be busy.
     poisoned: bool = False
+    # Inside ``task_sessions()``: the block (a ``_tasks.TaskSessions``) that
+    # hands each task its own holder.
+    tasks: Any = None
 
     def close(self) -> S | None:
         """Empty the slot for good and return what it held."""

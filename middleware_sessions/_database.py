@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar, Generic, Literal
 
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import _hooks
+from . import _hooks, _tasks
 from ._config import check_driver, check_engine, engine_kwargs, resolve_url, safe_url
 from ._context import Holder, S
 from ._lifecycle import (
@@ -139,6 +139,8 @@ class _BaseDatabase(Generic[S]):
         holder = self._var.get(None)
         if holder is None:
             raise self._missing()
+        if holder.tasks is not None:
+            return holder.tasks.holder()  # type: ignore[no-any-return]
         return holder
 
     @property
@@ -150,6 +152,8 @@ class _BaseDatabase(Generic[S]):
         holder = self._var.get(None)
         if holder is None:
             raise self._missing()
+        if holder.tasks is not None:
+            holder = holder.tasks.holder()  # this task's own, inside task_sessions()
         session = holder.session
         if session is None:
             if not holder.open:
@@ -255,13 +259,16 @@ class Database(_BaseDatabase[Session]):
         return session
 
     @contextmanager
-    def session_scope(self) -> Iterator[Session]:
+    def session_scope(self, *, commit: bool = True, **session_options: Any) -> Iterator[Session]:
         """A session for work outside a request: commit on exit, roll back on error, close.
 
-        Inside the block ``db.session`` is this session.
+        Inside the block ``db.session`` is this session. ``commit=False`` never
+        commits (explicit ``session.commit()`` calls aside): what is left is rolled
+        back. ``session_options`` go to the session factory for this scope only.
         """
         holder: Holder[Session] = Holder()
-        session = holder.session = self.sessionmaker()
+        holder.rollback_only = not commit
+        session = holder.session = self.sessionmaker(**session_options)
         token = self._var.set(holder)
         try:
             yield session
@@ -313,13 +320,18 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
         return session.sync_session
 
     @asynccontextmanager
-    async def session_scope(self) -> AsyncIterator[AsyncSession]:
+    async def session_scope(
+        self, *, commit: bool = True, **session_options: Any
+    ) -> AsyncIterator[AsyncSession]:
         """A session for work outside a request: commit on exit, roll back on error, close.
 
-        Inside the block ``db.session`` is this session.
+        Inside the block ``db.session`` is this session. ``commit=False`` never
+        commits (explicit ``session.commit()`` calls aside): what is left is rolled
+        back. ``session_options`` go to the session factory for this scope only.
         """
         holder: Holder[AsyncSession] = Holder()
-        session = holder.session = self.sessionmaker()
+        holder.rollback_only = not commit
+        session = holder.session = self.sessionmaker(**session_options)
         token = self._var.set(holder)
         try:
             yield session
@@ -331,3 +343,45 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
             with anyio.CancelScope(shield=True):
                 await end_async(session, commit=False)
             await _hooks.run_async(_hooks.take_ready(session.sync_session), "a session_scope()")
+
+    def task_sessions(
+        self, *, max_concurrent: int | None = None
+    ) -> AbstractAsyncContextManager[Any]:
+        """Give each asyncio task started inside the block a session of its own.
+
+        The task that opens the block keeps the request's (or scope's) session.
+        Every other task that reads ``db.session`` gets its own, committed when the
+        task finishes without an exception and rolled back otherwise (always rolled
+        back under a scope or middleware that never commits), then closed.
+        ``max_concurrent`` caps how many are open at once: tasks then take a slot
+        through ``db.gather()`` or ``db.task_session()``.
+        """
+        return _tasks.task_sessions(self, max_concurrent)
+
+    async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
+        """``asyncio.gather`` where each coroutine runs with a session of its own.
+
+        Each session is settled (commit on success, rollback on error) as its
+        coroutine ends, before ``gather`` returns. Inside ``task_sessions()`` it
+        honours the block's ``max_concurrent``; elsewhere it opens a block for the call.
+        """
+        block = _tasks.current_block(self)
+        if block is not None:
+            return await block.gather(*aws, return_exceptions=return_exceptions)
+        async with _tasks.task_sessions(self, None) as block:
+            return await block.gather(*aws, return_exceptions=return_exceptions)
+
+    @asynccontextmanager
+    async def task_session(self) -> AsyncIterator[AsyncSession]:
+        """This task's own session inside ``task_sessions()``, taking a slot first.
+
+        Waits for one of the block's ``max_concurrent`` slots, yields the task's
+        session and settles it when the block ends. Outside ``task_sessions()``
+        it is simply ``db.session``.
+        """
+        block = _tasks.current_block(self)
+        if block is None:
+            yield self.session
+            return
+        async with block.slot():
+            yield self.session

@@ -78,7 +78,7 @@ class DBSessionMiddleware:
         app: ASGIApp,
         *,
         db: Database | AsyncDatabase,
-        commit_on: Callable[[int], bool] = commit_below_400,
+        commit_on: Callable[[int], bool] | None = commit_below_400,
         redact_errors: bool = True,
     ) -> None:
         if not isinstance(db, (Database, AsyncDatabase)):
@@ -87,7 +87,7 @@ class DBSessionMiddleware:
                 f"not {type(db).__name__}. "
                 "Create one with AsyncDatabase('sqlite+aiosqlite:///./app.db') and pass it as db=."
             )
-        if not callable(commit_on):
+        if commit_on is not None and not callable(commit_on):
             raise TypeError(
                 "DBSessionMiddleware's commit_on must be a callable taking the status code, "
                 "e.g. commit_on=lambda status: status < 400."
@@ -110,6 +110,8 @@ class DBSessionMiddleware:
             return
 
         holder: Holder[Any] = Holder()
+        # Never commit automatically: what explicit commits leave is rolled back.
+        holder.rollback_only = self.commit_on is None
         var = self._var
         token = var.set(holder)
 
@@ -189,7 +191,7 @@ class DBSessionMiddleware:
             return False
         policy: Policy | None = getattr(scope.get("endpoint"), POLICY_ATTRIBUTE, None)
         if policy is None:
-            return self.commit_on(status)
+            return self.commit_on(status) if self.commit_on is not None else False
         if policy.commit_on is not None:
             return policy.commit_on(status)
         # Read-only: nothing to make durable, so don't hold the status for a round-trip.
