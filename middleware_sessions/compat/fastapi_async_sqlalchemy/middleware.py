@@ -19,10 +19,14 @@ from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..._database import AsyncDatabase
-from ..._middleware import DBSessionMiddleware, commit_below_400
-from .._errors import peer_errors
+from middleware_sessions._database import AsyncDatabase
+from middleware_sessions._middleware import DBSessionMiddleware, commit_below_400
+from middleware_sessions.compat._errors import peer_errors
+
 from .exceptions import MissingSessionError, SessionNotInitialisedError
+
+# The peer's message, unchanged: it says what to do.
+NO_ENGINE = "You need to pass a db_url or a custom_engine parameter."
 
 __all__ = [
     "DefaultAsyncSession",
@@ -83,11 +87,7 @@ def create_middleware_and_session_proxy() -> tuple[type[Any], Any]:
             commit_on_exit: bool = False,
         ) -> None:
             if not custom_engine and not db_url:
-                raise ValueError(
-                    "SQLAlchemyMiddleware needs db_url=... or custom_engine=... . "
-                    "It has no other way to know which database to use. "
-                    "Pass e.g. db_url='sqlite+aiosqlite:///./app.db'."
-                )
+                raise ValueError(NO_ENGINE)  # word for word the peer's: code may match on it
             options = {"class_": DefaultAsyncSession, **(session_args or {})}
             if custom_engine is not None:
                 database = AsyncDatabase(engine=custom_engine, session_options=options)

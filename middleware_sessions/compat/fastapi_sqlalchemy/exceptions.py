@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...exceptions import MissingSessionError as _MissingSessionError
+from middleware_sessions.exceptions import MissingSessionError as _MissingSessionError
 
 __all__ = ["MissingSessionError", "SessionNotInitialisedError"]
 

@@ -18,11 +18,15 @@ from sqlalchemy import URL, Engine
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..._database import Database
-from ..._middleware import DBSessionMiddleware as _DBSessionMiddleware
-from ..._middleware import commit_below_400
-from .._errors import peer_errors
+from middleware_sessions._database import Database
+from middleware_sessions._middleware import DBSessionMiddleware as _DBSessionMiddleware
+from middleware_sessions._middleware import commit_below_400
+from middleware_sessions.compat._errors import peer_errors
+
 from .exceptions import MissingSessionError, SessionNotInitialisedError
+
+# The peer's message, unchanged: it says what to do.
+NO_ENGINE = "You need to pass a db_url or a custom_engine parameter."
 
 __all__ = ["DBSessionMiddleware", "db"]
 
@@ -56,11 +60,7 @@ class DBSessionMiddleware:
     ) -> None:
         global _database
         if not custom_engine and not db_url:
-            raise ValueError(
-                "DBSessionMiddleware needs db_url=... or custom_engine=... . "
-                "It has no other way to know which database to use. "
-                "Pass e.g. db_url='sqlite:///./app.db'."
-            )
+            raise ValueError(NO_ENGINE)  # word for word the peer's: code may match on it
         if custom_engine is not None:
             database = Database(engine=custom_engine, session_options=session_args)
         else:
