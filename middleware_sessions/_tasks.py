@@ -41,7 +41,7 @@ class TaskSessions:
     """The state of one ``task_sessions()`` block: a holder per task, and the slots."""
 
     def __init__(
-        self, db: AsyncDatabase, parent: Holder[Any] | None, max_concurrent: int | None
+        self, db: AsyncDatabase[Any], parent: Holder | None, max_concurrent: int | None
     ) -> None:
         if max_concurrent is not None and (
             isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
@@ -55,16 +55,19 @@ class TaskSessions:
             )
         self._db = db
         self._parent = parent
-        # Under a scope or middleware that never commits, no task commits either.
-        self._commits = parent is None or not parent.rollback_only
         self._owner = asyncio.current_task()
-        self._holders: dict[asyncio.Task[Any], Holder[Any]] = {}
+        self._holders: dict[asyncio.Task[Any], Holder] = {}
         self._slots: set[asyncio.Task[Any]] = set()
         self._semaphore = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         self._settling: set[asyncio.Task[None]] = set()
         self._open = True
 
-    def holder(self) -> Holder[Any]:
+    def _commits(self) -> bool:
+        """Under a scope or request that never commits (or rolls back), no task commits."""
+        parent = self._parent
+        return parent is None or not (parent.never_commits or parent.rollback_only)
+
+    def holder(self) -> Holder:
         """The calling task's holder: the parent's for the block's own task."""
         task = asyncio.current_task()
         if task is None or task is self._owner:
@@ -83,10 +86,10 @@ class TaskSessions:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         holder = self._holders.pop(task, None)
-        session = holder.close() if holder is not None else None
+        session = holder.empty() if holder is not None else None
         if session is None:
             return
-        commit = self._commits and not task.cancelled() and task.exception() is None
+        commit = self._commits() and not task.cancelled() and task.exception() is None
         settling = asyncio.get_running_loop().create_task(self._end_logged(session, commit))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
@@ -94,7 +97,7 @@ class TaskSessions:
     async def _end(self, session: AsyncSession, commit: bool) -> None:
         """Settle and close (shielded from cancellation), then run the ready hooks."""
         with anyio.CancelScope(shield=True):
-            await self._db._lifecycle.end(session, commit)
+            await self._db._flavour.finish(session, commit=commit)
         hooks = _hooks.take_ready(session.sync_session)
         if hooks:
             await _hooks.run_async(hooks, "a task session")
@@ -126,10 +129,10 @@ class TaskSessions:
         finally:
             self._slots.discard(task)
             holder = self._holders.pop(task, None)
-            session = holder.close() if holder is not None else None
+            session = holder.empty() if holder is not None else None
             try:
                 if session is not None:
-                    await self._end(session, self._commits and not failed)
+                    await self._end(session, self._commits() and not failed)
             finally:
                 if self._semaphore is not None:
                     self._semaphore.release()
@@ -157,7 +160,7 @@ class TaskSessions:
     async def close(self) -> None:
         """End the block: roll back what running tasks still hold, wait for settlements."""
         self._open = False
-        leftovers = [holder.close() for holder in self._holders.values()]
+        leftovers = [holder.empty() for holder in self._holders.values()]
         self._holders.clear()
         with anyio.CancelScope(shield=True):
             for session in leftovers:
@@ -169,13 +172,13 @@ class TaskSessions:
 
 @asynccontextmanager
 async def task_sessions(
-    db: AsyncDatabase, max_concurrent: int | None
+    db: AsyncDatabase[Any], max_concurrent: int | None
 ) -> AsyncIterator[TaskSessions]:
     """The body of ``AsyncDatabase.task_sessions()``."""
     current = db._var.get(None)
     parent = None if current is None else current.tasks.holder() if current.tasks else current
     block = TaskSessions(db, parent, max_concurrent)
-    marker: Holder[Any] = Holder()
+    marker: Holder = Holder()
     marker.tasks = block
     token = db._var.set(marker)
     try:
@@ -185,7 +188,7 @@ async def task_sessions(
         await block.close()
 
 
-def current_block(db: AsyncDatabase) -> TaskSessions | None:
+def current_block(db: AsyncDatabase[Any]) -> TaskSessions | None:
     """The innermost ``task_sessions()`` block around the caller, if any."""
     current = db._var.get(None)
     return None if current is None else current.tasks

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware_sessions._database import AsyncDatabase
-from middleware_sessions._middleware import DBSessionMiddleware, commit_below_400
+from middleware_sessions._middleware import DBSessionMiddleware, _commit_below_400
 from middleware_sessions.compat._errors import peer_errors
 
 from .exceptions import MissingSessionError, SessionNotInitialisedError
@@ -98,7 +98,7 @@ def create_middleware_and_session_proxy() -> tuple[type[Any], Any]:
             slot.database = database
             self.commit_on_exit = commit_on_exit
             self.app = DBSessionMiddleware(
-                app, db=database, commit_on=commit_below_400 if commit_on_exit else None
+                app, db=database, commit_on=_commit_below_400 if commit_on_exit else None
             )
 
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware_sessions._database import Database
 from middleware_sessions._middleware import DBSessionMiddleware as _DBSessionMiddleware
-from middleware_sessions._middleware import commit_below_400
+from middleware_sessions._middleware import _commit_below_400
 from middleware_sessions.compat._errors import peer_errors
 
 from .exceptions import MissingSessionError, SessionNotInitialisedError
@@ -68,7 +68,7 @@ class DBSessionMiddleware:
         _database = database
         self.commit_on_exit = commit_on_exit
         self.app = _DBSessionMiddleware(
-            app, db=database, commit_on=commit_below_400 if commit_on_exit else None
+            app, db=database, commit_on=_commit_below_400 if commit_on_exit else None
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
