@@ -89,10 +89,15 @@ class TaskSessions:
         session = holder.empty() if holder is not None else None
         if session is None:
             return
-        commit = self._commits() and not task.cancelled() and task.exception() is None
-        settling = asyncio.get_running_loop().create_task(self._end_logged(session, commit))
+        settling = task.get_loop().create_task(self._end_logged(session, self._outcome(task)))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
+
+    def _outcome(self, task: asyncio.Task[Any]) -> bool:
+        """Commit (True) for a task that finished without an exception, where allowed."""
+        if not task.done() or task.cancelled():
+            return False
+        return self._commits() and task.exception() is None
 
     async def _end(self, session: AsyncSession, commit: bool) -> None:
         """Settle and close (shielded from cancellation), then run the ready hooks."""
@@ -158,14 +163,20 @@ class TaskSessions:
             return await coro
 
     async def close(self) -> None:
-        """End the block: roll back what running tasks still hold, wait for settlements."""
+        """End the block: settle what tasks still hold, then wait for every settlement.
+
+        A task that has finished but whose done callback has not run yet is settled
+        by its outcome; one still running outlived the block and is rolled back.
+        """
         self._open = False
-        leftovers = [holder.empty() for holder in self._holders.values()]
+        leftovers = [
+            (self._outcome(task), holder.empty()) for task, holder in self._holders.items()
+        ]
         self._holders.clear()
         with anyio.CancelScope(shield=True):
-            for session in leftovers:
+            for commit, session in leftovers:
                 if session is not None:
-                    await self._end_logged(session, commit=False)
+                    await self._end_logged(session, commit)
             while self._settling:
                 await asyncio.gather(*self._settling, return_exceptions=True)
 
