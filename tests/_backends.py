@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine, event
 
 from ._postgres import PostgresServer
 from .helpers import Base
@@ -34,3 +35,13 @@ def fresh_urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str
     Base.metadata.create_all(engine)
     engine.dispose()
     return sync_url, async_url
+
+
+def enforce_foreign_keys(engine: Engine) -> None:
+    """SQLite checks foreign keys only when asked to (PostgreSQL always does)."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")

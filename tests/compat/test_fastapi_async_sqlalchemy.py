@@ -26,8 +26,8 @@ from middleware_sessions.compat.fastapi_async_sqlalchemy.exceptions import (
 )
 from middleware_sessions.compat.fastapi_async_sqlalchemy.middleware import DefaultAsyncSession
 
-from .._backends import URL_BACKENDS, fresh_urls
-from ..helpers import Item
+from .._backends import URL_BACKENDS, enforce_foreign_keys, fresh_urls
+from ..helpers import Item, add_orphan
 
 
 class Setup:
@@ -36,11 +36,16 @@ class Setup:
     def __init__(self, url: str, **options: Any) -> None:
         self.middleware_class, self.db = create_middleware_and_session_proxy()
         self.app = FastAPI()
-        self.url = url
-        self.middleware = self.middleware_class(self.app, db_url=url, **options)
+        self.app.add_middleware(self.middleware_class, db_url=url, **options)
+        # Built at once, as Starlette would at the first call.
+        self.app.middleware_stack = self.app.build_middleware_stack()
+        app: Any = self.app.middleware_stack
+        while not isinstance(app, self.middleware_class):
+            app = app.app
+        self.middleware = app
 
     def client(self) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=self.middleware, raise_app_exceptions=False)
+        transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
         return httpx.AsyncClient(transport=transport, base_url="http://test")
 
     async def add(self, name: str) -> None:
@@ -298,3 +303,53 @@ async def test_a_task_that_outlives_its_request_gets_missing_session_error(
     leave.set()
     with pytest.raises(MissingSessionError):
         await spawned[0]
+
+
+async def test_gather_outside_multi_sessions_still_gives_each_coroutine_a_session(
+    setup: Setup,
+) -> None:
+    """Differs from the peer, whose gather() there is plain asyncio.gather over one session."""
+
+    async def whose() -> object:
+        await setup.db.session.execute(text("SELECT 1"))
+        return setup.db.session
+
+    async with setup.db():
+        outer = setup.db.session
+        sessions = await setup.db.gather(whose(), whose())
+    assert len({id(s) for s in sessions} | {id(outer)}) == 3
+
+
+async def test_gather_over_one_request_session_is_a_concurrent_session_error(url: str) -> None:
+    """Differs from the peer: ConcurrentSessionError (its message names db.gather), a 500."""
+    made = Setup(url)
+
+    @made.app.post("/gather")
+    async def gather() -> None:
+        async def write(n: int) -> None:
+            made.db.session.add(Item(name=f"g{n}"))
+            await made.db.session.flush()
+
+        await asyncio.gather(*(write(n) for n in range(3)))
+
+    async with made.client() as client:
+        assert (await client.post("/gather")).status_code == 500
+    await asyncio.sleep(0.2)  # let gather's siblings run out (it doesn't cancel them)
+    await made.middleware.dispose()
+    assert await made.names() == set()
+
+
+async def test_a_failed_commit_answers_500_and_returns_the_connection(url: str) -> None:
+    """Differs from the peer, whose failed commit leaves the connection checked out."""
+    made = Setup(url, commit_on_exit=True)
+    enforce_foreign_keys(made.middleware.app.db.engine.sync_engine)
+
+    @made.app.post("/orphans", status_code=201)
+    async def create() -> None:
+        await made.db.session.run_sync(add_orphan, "orphan")
+
+    async with made.client() as client:
+        assert (await client.post("/orphans")).status_code == 500
+    assert await made.names() == set()
+    assert made.checked_out() == 0
+    await made.middleware.dispose()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI, HTTPException
 from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import middleware_sessions
@@ -21,8 +23,8 @@ from middleware_sessions.compat.fastapi_sqlalchemy.exceptions import (
     SessionNotInitialisedError,
 )
 
-from .._backends import URL_BACKENDS, fresh_urls
-from ..helpers import Item, checked_out, committed_names
+from .._backends import URL_BACKENDS, enforce_foreign_keys, fresh_urls
+from ..helpers import Item, add_orphan, checked_out, committed_names
 
 
 @pytest.fixture(params=URL_BACKENDS)
@@ -35,20 +37,16 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         middleware_module._database = None
 
 
-class _App(FastAPI):
-    """An app wrapped in the middleware at once (Starlette builds ``add_middleware``'s lazily)."""
-
-    asgi: DBSessionMiddleware
-
-
-def _app(url: str, **options: object) -> _App:
-    app = _App()
-    app.asgi = DBSessionMiddleware(app, db_url=url, **options)  # type: ignore[arg-type]
+def _app(url: str, **options: Any) -> FastAPI:
+    """An app with the middleware, built at once (Starlette builds it at the first call)."""
+    app = FastAPI()
+    app.add_middleware(DBSessionMiddleware, db_url=url, **options)
+    app.middleware_stack = app.build_middleware_stack()
     return app
 
 
-def _client(app: _App) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app.asgi, raise_app_exceptions=False)
+def _client(app: FastAPI) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
@@ -247,3 +245,63 @@ async def test_add_middleware_sets_db_up_when_the_app_first_runs(url: str) -> No
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         assert (await client.post("/items")).status_code == 201
     assert await committed_names(_database()) == {"via-add-middleware"}
+
+
+async def test_a_failed_commit_answers_500_and_returns_the_connection(url: str) -> None:
+    """Differs from the peer, whose failed commit leaves the connection checked out."""
+    app = _app(url, commit_on_exit=True)
+    enforce_foreign_keys(_database().engine)
+
+    @app.post("/orphans", status_code=201)
+    def create() -> None:
+        add_orphan(db.session, "orphan")  # the foreign key is checked at COMMIT
+
+    async with _client(app) as client:
+        assert (await client.post("/orphans")).status_code == 500
+    assert await committed_names(_database()) == set()
+    assert checked_out(_database()) == 0
+
+
+async def test_a_request_that_finds_no_free_connection_gets_503(url: str) -> None:
+    """Differs from the peer, which answers 500 after the pool's timeout."""
+    app = _app(url, engine_args={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.05})
+
+    @app.get("/items")
+    def read() -> int:
+        return db.session.query(Item).count()
+
+    with _database().engine.connect():  # the pool's only connection
+        async with _client(app) as client:
+            response = await client.get("/items")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_a_database_error_reaches_the_server_without_sql_or_values(url: str) -> None:
+    """Differs from the peer, which passes the driver's full text (SQL, parameters) on."""
+    app = _app(url, commit_on_exit=True)
+    secret = "s3cret-value-in-a-row"
+
+    @app.post("/items")
+    def create() -> None:
+        _add(secret)
+        _add(secret)  # the unique constraint fails at this flush
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with pytest.raises(IntegrityError) as info:
+            await client.post("/items")
+    assert secret not in str(info.value)
+
+
+async def test_a_sync_session_in_an_async_route_warns(url: str) -> None:
+    """Differs from the peer, which blocks the event loop silently."""
+    app = _app(url)
+
+    @app.get("/items")
+    async def read() -> int:
+        return db.session.query(Item).count()
+
+    async with _client(app) as client:
+        with pytest.warns(middleware_sessions.BlockingSessionWarning):
+            assert (await client.get("/items")).status_code == 200
