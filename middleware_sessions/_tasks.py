@@ -149,7 +149,7 @@ class TaskSessions:
                 if asyncio.iscoroutine(aw):
                     aw.close()  # never awaited: don't leave a warning behind
             raise TypeError(
-                "db.gather() with max_concurrent takes coroutines only, not tasks or futures. "
+                "db.gather() with max_concurrent takes coroutine objects only, not tasks or futures. "
                 "A task already running cannot wait for a slot first. "
                 "Pass the coroutines themselves: db.gather(work(1), work(2))."
             )

@@ -205,7 +205,7 @@ async def test_gather_with_max_concurrent_refuses_tasks(adb: AsyncDatabase) -> N
 
     async with adb.session_scope(), adb.task_sessions(max_concurrent=2):
         task = asyncio.create_task(nothing())
-        with pytest.raises(TypeError, match="coroutines only"):
+        with pytest.raises(TypeError, match="coroutine objects only"):
             await adb.gather(task)
         await task
 

@@ -7,7 +7,7 @@ from middleware_sessions.exceptions import MissingSessionError as _MissingSessio
 __all__ = ["MissingSessionError", "SessionNotInitialisedError"]
 
 NO_SESSION = (
-    "There is no database session here. "
+    "No session found: there is no database session here. "
     "db.session only exists inside an HTTP request that went through SQLAlchemyMiddleware, "
     "or inside an 'async with db():' block. "
     "Install the middleware with app.add_middleware(SQLAlchemyMiddleware, db_url=...), "
@@ -15,7 +15,7 @@ NO_SESSION = (
 )
 
 NOT_INITIALISED = (
-    "The database is not set up yet: no SQLAlchemyMiddleware has been created for this db. "
+    "Session not initialised: no SQLAlchemyMiddleware has been created for this db. "
     "db.session and 'async with db():' get their engine from the middleware's db_url or "
     "custom_engine. "
     "Call app.add_middleware(SQLAlchemyMiddleware, db_url=...) before using the database."

@@ -150,7 +150,8 @@ def create_middleware_and_session_proxy() -> tuple[type[Any], Any]:
         ) -> None:
             if max_concurrent is not None and max_concurrent < 1:
                 raise ValueError(
-                    f"max_concurrent={max_concurrent} would let no task have a session. "
+                    f"`max_concurrent` must be greater than 0, not {max_concurrent}: "
+                    "no task could have a session. "
                     "It caps how many per-task sessions are open at once. "
                     "Pass a number >= 1 or None."
                 )
