@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from sqlalchemy import text
 from middleware_sessions import AsyncDatabase, DBSessionMiddleware, MissingSessionError
 from middleware_sessions.exceptions import CONCURRENT_USE
 
-from ._backends import URL_BACKENDS, fresh_urls
-from .helpers import Item, checked_out, committed_names
+from ._backends import URL_BACKENDS, enforce_foreign_keys, fresh_urls
+from .helpers import Item, add_orphan, checked_out, committed_names
 
 
 @pytest.fixture(params=URL_BACKENDS)
@@ -89,6 +90,24 @@ async def test_gather_rolls_back_the_coroutine_that_raised(adb: AsyncDatabase) -
         with pytest.raises(LookupError):
             await adb.gather(add("kept", False), add("dropped", True))
     assert await committed_names(adb) == {"kept"}
+    assert checked_out(adb) == 0
+
+
+async def test_a_task_whose_commit_fails_is_logged_and_its_connection_returned(
+    adb: AsyncDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    enforce_foreign_keys(adb.engine.sync_engine)
+
+    async def orphan() -> None:
+        await adb.session.run_sync(add_orphan, "orphan")  # the foreign key fails at COMMIT
+
+    with caplog.at_level(logging.ERROR, logger="middleware_sessions"):
+        async with adb.session_scope(), adb.task_sessions():
+            await asyncio.create_task(orphan())
+    assert [r.getMessage() for r in caplog.records] == [
+        "Could not commit the session of a finished task; it was rolled back."
+    ]
+    assert await committed_names(adb) == set()
     assert checked_out(adb) == 0
 
 

@@ -353,3 +353,9 @@ async def test_a_failed_commit_answers_500_and_returns_the_connection(url: str) 
     assert await made.names() == set()
     assert made.checked_out() == 0
     await made.middleware.dispose()
+
+
+def test_the_middleware_is_pure_asgi() -> None:
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    assert not issubclass(SQLAlchemyMiddleware, BaseHTTPMiddleware)

@@ -305,3 +305,9 @@ async def test_a_sync_session_in_an_async_route_warns(url: str) -> None:
     async with _client(app) as client:
         with pytest.warns(middleware_sessions.BlockingSessionWarning):
             assert (await client.get("/items")).status_code == 200
+
+
+def test_the_middleware_is_pure_asgi() -> None:
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    assert not issubclass(DBSessionMiddleware, BaseHTTPMiddleware)
