@@ -57,7 +57,7 @@ class Setup:
             return set((await self.db.session.scalars(select(Item.name))).all())
 
     def checked_out(self) -> int:
-        return self.middleware.app.db.engine.pool.checkedout()  # type: ignore[no-any-return]
+        return self.middleware.db.engine.pool.checkedout()  # type: ignore[no-any-return]
 
 
 @pytest.fixture(params=URL_BACKENDS)
@@ -342,7 +342,7 @@ async def test_gather_over_one_request_session_is_a_concurrent_session_error(url
 async def test_a_failed_commit_answers_500_and_returns_the_connection(url: str) -> None:
     """Differs from the peer, whose failed commit leaves the connection checked out."""
     made = Setup(url, commit_on_exit=True)
-    enforce_foreign_keys(made.middleware.app.db.engine.sync_engine)
+    enforce_foreign_keys(made.middleware.db.engine.sync_engine)
 
     @made.app.post("/orphans", status_code=201)
     async def create() -> None:

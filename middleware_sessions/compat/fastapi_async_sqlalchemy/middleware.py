@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from middleware_sessions._database import AsyncDatabase
 from middleware_sessions._middleware import DBSessionMiddleware, _commit_below_400
@@ -65,7 +65,7 @@ def create_middleware_and_session_proxy() -> tuple[type[Any], Any]:
     """
     slot = _Slot()
 
-    class SQLAlchemyMiddleware:
+    class SQLAlchemyMiddleware(DBSessionMiddleware):
         """One ``db.session`` per request, settled before the status is sent.
 
         Takes ``db_url`` or ``custom_engine`` (``ValueError`` without either),
@@ -97,12 +97,10 @@ def create_middleware_and_session_proxy() -> tuple[type[Any], Any]:
                 )
             slot.database = database
             self.commit_on_exit = commit_on_exit
-            self.app = DBSessionMiddleware(
+            # Our middleware itself, not a wrapper around it: no extra call per request.
+            super().__init__(
                 app, db=database, commit_on=_commit_below_400 if commit_on_exit else None
             )
-
-        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-            await self.app(scope, receive, send)
 
         async def dispose(self) -> None:
             """Dispose of the engine this middleware created (not a ``custom_engine``)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import URL, Engine
 from sqlalchemy.orm import Session
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from middleware_sessions._database import Database
 from middleware_sessions._middleware import DBSessionMiddleware as _DBSessionMiddleware
@@ -39,7 +39,7 @@ def _configured() -> Database:
     return _database
 
 
-class DBSessionMiddleware:
+class DBSessionMiddleware(_DBSessionMiddleware):
     """fastapi-sqlalchemy's middleware: one ``db.session`` per request.
 
     Takes ``db_url`` or ``custom_engine`` (``ValueError`` without either),
@@ -67,12 +67,8 @@ class DBSessionMiddleware:
             database = Database(db_url, engine_options=engine_args, session_options=session_args)
         _database = database
         self.commit_on_exit = commit_on_exit
-        self.app = _DBSessionMiddleware(
-            app, db=database, commit_on=_commit_below_400 if commit_on_exit else None
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
+        # Our middleware itself, not a wrapper around it: no extra call per request.
+        super().__init__(app, db=database, commit_on=_commit_below_400 if commit_on_exit else None)
 
 
 class DBSessionMeta(type):
