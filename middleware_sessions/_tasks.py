@@ -89,7 +89,8 @@ class TaskSessions:
         session = holder.empty() if holder is not None else None
         if session is None:
             return
-        settling = task.get_loop().create_task(self._end_logged(session, self._outcome(task)))
+        commit = self._outcome(task) and not holder.rollback_only  # type: ignore[union-attr]
+        settling = task.get_loop().create_task(self._end_logged(session, commit))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
 
@@ -137,7 +138,8 @@ class TaskSessions:
             session = holder.empty() if holder is not None else None
             try:
                 if session is not None:
-                    await self._end(session, self._commits() and not failed)
+                    commit = self._commits() and not failed and not holder.rollback_only  # type: ignore[union-attr]
+                    await self._end(session, commit)
             finally:
                 if self._semaphore is not None:
                     self._semaphore.release()
@@ -170,7 +172,8 @@ class TaskSessions:
         """
         self._open = False
         leftovers = [
-            (self._outcome(task), holder.empty()) for task, holder in self._holders.items()
+            (self._outcome(task) and not holder.rollback_only, holder.empty())
+            for task, holder in self._holders.items()
         ]
         self._holders.clear()
         with anyio.CancelScope(shield=True):

@@ -111,6 +111,20 @@ async def test_a_task_whose_commit_fails_is_logged_and_its_connection_returned(
     assert checked_out(adb) == 0
 
 
+async def test_rollback_only_in_a_task_rolls_back_that_task_alone(adb: AsyncDatabase) -> None:
+    async def add(name: str, dry_run: bool) -> None:
+        adb.session.add(Item(name=name))
+        await adb.session.flush()
+        if dry_run:
+            adb.rollback_only()
+
+    async with adb.session_scope(), adb.task_sessions():
+        await adb.gather(add("kept", False), add("previewed", True))
+        await asyncio.create_task(add("previewed-in-a-task", True))
+        await add("the-scopes-own", False)
+    assert await committed_names(adb) == {"kept", "the-scopes-own"}
+
+
 async def test_no_task_commits_under_a_scope_that_never_commits(adb: AsyncDatabase) -> None:
     async def add(name: str) -> None:
         adb.session.add(Item(name=name))
