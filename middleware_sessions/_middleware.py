@@ -103,6 +103,7 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
+        self._var = db._var
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -116,7 +117,7 @@ class DBSessionMiddleware:
             return
 
         request = _Request(self, scope, send)
-        var = self.db._var
+        var = self._var
         token = var.set(request)
         app_failed = True
         try:
@@ -136,7 +137,8 @@ class DBSessionMiddleware:
                 raise request.error
         finally:
             var.reset(token)
-            session = request.empty()
+            # Holder.empty(), inlined: this runs for every request.
+            session, request.session, request.open = request.session, None, False
             if session is not None:
                 await request.finish(session, app_failed=app_failed)
 
