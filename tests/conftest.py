@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from middleware_sessions import AsyncDatabase, Database
 
 from ._postgres import PostgresServer
-from .helpers import AnyDatabase, Base, postgres_or_skip
+from .helpers import AnyDatabase, Base, Client, postgres_or_skip
 
 BACKENDS = [
     pytest.param(("sync", "sqlite"), id="sync-sqlite"),
@@ -104,7 +104,7 @@ def database(make_database: Callable[..., AnyDatabase]) -> AnyDatabase:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[Callable[[FastAPI], httpx.AsyncClient]]:
+async def client() -> AsyncIterator[Client]:
     """In-process HTTP clients for an app; server errors come back as 500s."""
     clients: list[httpx.AsyncClient] = []
 

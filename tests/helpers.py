@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import ForeignKey, String, select
@@ -20,6 +21,8 @@ from ._postgres import PostgresServer, skip_reason
 REQUIRE_POSTGRES = os.environ.get("MIDDLEWARE_SESSIONS_REQUIRE_POSTGRES") == "1"
 
 AnyDatabase = Database | AsyncDatabase
+# The ``client`` fixture: an in-process HTTP client for an app.
+Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 class Base(DeclarativeBase):

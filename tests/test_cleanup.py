@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -19,6 +18,7 @@ from middleware_sessions import AsyncDatabase
 
 from .helpers import (
     AnyDatabase,
+    Client,
     Item,
     add_item,
     add_orphan,
@@ -27,8 +27,6 @@ from .helpers import (
     make_app,
     route,
 )
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 class TimeoutMiddleware:

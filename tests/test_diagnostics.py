@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import HTTPException
 from sqlalchemy import select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
@@ -28,6 +28,7 @@ from middleware_sessions import (
 from .helpers import (
     AnyDatabase,
     Base,
+    Client,
     Item,
     add_item,
     checked_out,
@@ -35,8 +36,6 @@ from .helpers import (
     make_app,
     route,
 )
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 def sqlite_database(cls: type[AnyDatabase], path: Path, **options: Any) -> AnyDatabase:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from middleware_sessions import AsyncDatabase, Database
 from middleware_sessions.testing import async_outer_transaction, outer_transaction
 
-from .helpers import AnyDatabase, Base, Item, add_item, committed_names, make_app, route
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
+from .helpers import AnyDatabase, Base, Client, Item, add_item, committed_names, make_app, route
 
 
 async def test_everything_inside_the_outer_transaction_is_rolled_back(
