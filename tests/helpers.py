@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -116,6 +117,20 @@ async def committed_names(db: AnyDatabase) -> set[str]:
 def checked_out(db: AnyDatabase) -> int:
     """Connections currently checked out of the database's pool."""
     return db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """Whether ``condition()`` comes to hold: checked every 10 ms, for ``seconds`` at most.
+
+    For things that finish in the background (sessions closing after a task,
+    say): the test waits for them, not for a guessed delay; ``seconds`` only
+    bounds a hang, so it can be generous.
+    """
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        await anyio.sleep(0.01)
+    return condition()
 
 
 @contextmanager
