@@ -119,18 +119,18 @@ def checked_out(db: AnyDatabase) -> int:
     return db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
 
 
-async def eventually(condition: Callable[[], bool], seconds: float = 10) -> bool:
-    """Whether ``condition()`` comes to hold: checked every 10 ms, for ``seconds`` at most.
+async def poll_until(predicate: Callable[[], bool], attempts: int = 1000) -> None:
+    """Check ``predicate`` every 10 ms, for at most ``attempts`` times; fail if it never holds.
 
-    For things that finish in the background (sessions closing after a task,
-    say): the test waits for them, not for a guessed delay; ``seconds`` only
-    bounds a hang, so it can be generous.
+    For what finishes in the background (tasks running out, sessions closing):
+    the test waits for it, not for a guessed delay. ``attempts`` only bounds a
+    hang, so it can be generous.
     """
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return True
+    for _ in range(attempts):
+        if predicate():
+            return
         await anyio.sleep(0.01)
-    return condition()
+    raise AssertionError(f"still not true after {attempts} attempts")
 
 
 @contextmanager

@@ -33,8 +33,8 @@ from .helpers import (
     add_item,
     checked_out,
     committed_names,
-    eventually,
     make_app,
+    poll_until,
     route,
 )
 
@@ -72,7 +72,7 @@ async def test_request_session_used_by_gathered_tasks_names_the_mistake(
     assert "GET /gather" in str(info.value)
     assert info.value.__cause__ is not None
     # asyncio.gather doesn't cancel the siblings of a failed task: they run out.
-    assert await eventually(lambda: len(finished) == 3)
+    await poll_until(lambda: len(finished) == 3)
     assert checked_out(adb) == 0
 
 
@@ -97,7 +97,7 @@ async def test_concurrent_use_becomes_a_500_for_the_client(
     assert (await client(app).post("/gather")).status_code == 500
     # asyncio.gather doesn't cancel the siblings of a failed task: wait till they ran
     # out, then start from a fresh pool (a sibling may have been cut off mid-statement).
-    assert await eventually(lambda: len(finished) == 3)
+    await poll_until(lambda: len(finished) == 3)
     assert checked_out(adb) == 0
     await adb.engine.dispose()
     assert await committed_names(adb) == set()
