@@ -110,7 +110,7 @@ def answered_before_the_gate_opened(outcomes: Outcomes, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-async def test_requests_beyond_the_pool_wait_their_turn_within_pool_timeout(
+async def test_requests_beyond_the_pool_wait_within_pool_timeout(
     in_process: Callable[..., InProcess],
     pg_database: PgDatabase,
     flavour: str,
