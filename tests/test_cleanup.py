@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -29,26 +28,46 @@ from .helpers import (
 )
 
 
-class TimeoutMiddleware:
-    """Cancels the request after ``seconds`` and answers 504 if nothing was sent yet."""
+class CancelAtPoint:
+    """Cancels the request once the route reaches ``point``, as a server's timeout would.
 
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
-        self.app, self.seconds = app, seconds
+    Answers 504 if nothing was sent yet. The route sets ``point`` (see ``reach``)
+    where the cancellation should land, so it lands there however slow the
+    machine is.
+    """
+
+    def __init__(self, app: ASGIApp, point: anyio.Event) -> None:
+        self.app, self.point = app, point
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
+        started = finished = False
 
         async def send_wrapper(message: Message) -> None:
             nonlocal started
             started = True
             await send(message)
 
-        with anyio.move_on_after(self.seconds):
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_at_point() -> None:
+                await self.point.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(cancel_at_point)
             await self.app(scope, receive, send_wrapper)
-            return
-        if not started:
+            finished = True
+            tg.cancel_scope.cancel()
+        if not finished and not started:
             await send({"type": "http.response.start", "status": 504, "headers": []})
             await send({"type": "http.response.body", "body": b"timeout"})
+
+
+def reach(point: anyio.Event) -> None:
+    """Set ``point`` from a route's sync work: in a worker thread, or on the event loop."""
+    try:
+        anyio.from_thread.run_sync(point.set)
+    except RuntimeError:  # AsyncSession.run_sync: already on the event loop's thread
+        point.set()
 
 
 def slow_query(session: Session) -> None:
@@ -64,10 +83,14 @@ def slow_query(session: Session) -> None:
         )
 
 
-def write_then_query(session: Session, name: str) -> dict[str, Any]:
-    result = add_item(session, name)
-    slow_query(session)
-    return result
+def write_then_query(point: anyio.Event) -> Callable[[Session, str], dict[str, Any]]:
+    def work(session: Session, name: str) -> dict[str, Any]:
+        result = add_item(session, name)
+        reach(point)  # the cancellation is delivered while the slow query runs
+        slow_query(session)
+        return result
+
+    return work
 
 
 async def test_request_cancelled_mid_query_leaks_nothing(
@@ -80,17 +103,19 @@ async def test_request_cancelled_mid_query_leaks_nothing(
             "event loop's shutdown (aiosqlite 0.22 close-after-stop)"
         )
     app = make_app(database)
-    route(app, database, "/items", write_then_query, status_code=201)
-    app.add_middleware(TimeoutMiddleware, seconds=0.2)
+    point = anyio.Event()
+    route(app, database, "/items", write_then_query(point), status_code=201)
+    app.add_middleware(CancelAtPoint, point=point)
 
     response = await client(app).post("/items", params={"name": "cancelled"})
 
     assert response.status_code == 504
     assert await committed_names(database) == set()
     assert checked_out(database) == 0
-    # The pool still works afterwards.
-    route(app, database, "/ok", add_item, status_code=201)
-    assert (await client(app).post("/ok", params={"name": "after"})).status_code == 201
+    # The pool still works afterwards (for an app that cancels nothing).
+    plain = make_app(database)
+    route(plain, database, "/ok", add_item, status_code=201)
+    assert (await client(plain).post("/ok", params={"name": "after"})).status_code == 201
     assert await committed_names(database) == {"after"}
 
 
@@ -99,6 +124,7 @@ async def test_request_cancelled_between_statements_rolls_back(
 ) -> None:
     db = database
     app = make_app(db)
+    flushed = anyio.Event()
     if isinstance(db, AsyncDatabase):
         adb = db
 
@@ -106,7 +132,8 @@ async def test_request_cancelled_between_statements_rolls_back(
         async def create_async() -> None:
             adb.session.add(Item(name="cancelled"))
             await adb.session.flush()
-            await anyio.sleep(5)
+            flushed.set()
+            await anyio.sleep_forever()
 
     else:
         sdb = db
@@ -115,9 +142,10 @@ async def test_request_cancelled_between_statements_rolls_back(
         def create_sync() -> None:
             sdb.session.add(Item(name="cancelled"))
             sdb.session.flush()
-            time.sleep(0.5)  # a thread cannot be cancelled: the request ends when it returns
+            # A thread cannot be cancelled: the cancellation lands once it returns.
+            reach(flushed)
 
-    app.add_middleware(TimeoutMiddleware, seconds=0.2)
+    app.add_middleware(CancelAtPoint, point=flushed)
 
     assert (await client(app).post("/items")).status_code == 504
     assert await committed_names(db) == set()
