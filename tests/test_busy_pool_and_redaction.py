@@ -9,15 +9,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from middleware_sessions import AsyncDatabase
 
-from .helpers import AnyDatabase, add_item, checked_out, committed_names, make_app, route
+from .helpers import AnyDatabase, Client, add_item, checked_out, committed_names, make_app, route
 
-Client = Callable[[FastAPI], httpx.AsyncClient]
 SECRET = "tok-7f3a9c-secret"
 
 

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, HTTPException
 from sqlalchemy import event, select
@@ -20,9 +19,16 @@ from middleware_sessions import (
     transaction_policy,
 )
 
-from .helpers import AnyDatabase, Item, add_item, checked_out, committed_names, make_app, route
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
+from .helpers import (
+    AnyDatabase,
+    Client,
+    Item,
+    add_item,
+    checked_out,
+    committed_names,
+    make_app,
+    route,
+)
 
 
 def endpoint(db: AnyDatabase, work: Callable[[Session, str], Any]) -> Callable[..., Any]:
