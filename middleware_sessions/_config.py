@@ -109,7 +109,7 @@ def check_driver(url: URL, *, want_async: bool, cls_name: str) -> None:
         # What create_engine() would do next; here the error can say what to install.
         import_driver()
     except ModuleNotFoundError as exc:
-        module = (exc.name or url.get_driver_name()).split(".")[0]
+        module = (exc.name or dialect.driver).split(".")[0]
         raise ModuleNotFoundError(
             _missing_driver(url, module, cls_name=cls_name), name=exc.name
         ) from exc
@@ -141,7 +141,7 @@ def _missing_driver(url: URL, module: str, *, cls_name: str) -> str:
 
 
 def _postgres_hint(url: URL, *, want_async: bool, cls_name: str) -> str:
-    driver = url.get_driver_name() or ("asyncpg" if want_async else "psycopg")
+    driver = url.drivername.partition("+")[2] or ("asyncpg" if want_async else "psycopg")
     wanted = f"postgresql+{driver}"
     return (
         f"{cls_name}() was given a URL starting with '{url.drivername}://'. "
