@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,9 @@ from .helpers import AnyDatabase, add_item_with_parent, make_app, route
 # it on means asking for the data. Every other logger, ours and SQLAlchemy's
 # included, is read at DEBUG.
 TRACE_LOGGERS = frozenset({"aiosqlite"})
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
+
 PG_ERROR_LINES = ("DETAIL:", "HINT:", "CONTEXT:", "LINE 1:", "[SQL:", "[parameters:")
 
 
@@ -274,6 +278,45 @@ async def test_logged_error_names_the_mistake_and_never_the_data(
     assert sentinel not in everywhere
     assert str(MISSING_TEAM) not in everywhere
     assert [line for line in PG_ERROR_LINES if line in everywhere] == []
+
+
+class SignupFailed(Exception):
+    """An app's own error, raised from the database error it caught."""
+
+
+def wrap_the_error(session: Session, sentinel: str) -> None:
+    try:
+        duplicate_email(session, sentinel)
+    except DBAPIError as exc:
+        raise SignupFailed("could not sign up") from exc
+
+
+def wrap_in_a_group(session: Session, sentinel: str) -> None:
+    failed: list[Exception] = [ValueError("and another")]
+    try:
+        duplicate_email(session, sentinel)
+    except DBAPIError as exc:
+        failed.append(exc)
+    raise ExceptionGroup("signup", failed)  # as a task group would: no cause, no context
+
+
+@pytest.mark.parametrize("work", [wrap_the_error, wrap_in_a_group], ids=["cause", "group"])
+async def test_database_error_wrapped_by_the_app_is_redacted_too(
+    database: AnyDatabase,
+    work: Callable[[Session, str], None],
+    sentinel: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await create_tables(database)
+    app = make_app(database)
+    route(app, database, "/fail", lambda session, _: work(session, sentinel))
+
+    served = await serve_one(app, caplog)
+
+    assert served.response.status_code == 500
+    assert "accounts" in served.log  # the constraint (PostgreSQL) or table (SQLite) is named
+    assert sentinel not in served.everywhere()
+    assert "[SQL:" not in served.everywhere()
 
 
 async def test_commit_failing_after_the_response_started_is_logged_without_the_data(
