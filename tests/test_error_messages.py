@@ -86,6 +86,11 @@ def missing_team(session: Session, sentinel: str) -> None:
     add_account(session, sentinel, team_id=MISSING_TEAM)
 
 
+def orphan_item(session: Session, sentinel: str) -> None:
+    # A deferred foreign key: the flush passes, the middleware's COMMIT fails.
+    add_item_with_parent(session, sentinel, MISSING_TEAM)
+
+
 def missing_nickname(session: Session, sentinel: str) -> None:
     add_account(session, sentinel, nickname=None)
 
@@ -151,6 +156,11 @@ CASES = {
         missing_team,
         ("FOREIGN KEY constraint failed",),
         *pg('violates foreign key constraint "accounts_team_fk"', "[SQLSTATE 23503]"),
+    ),
+    "foreign-key violation at commit": Case(
+        orphan_item,
+        ("FOREIGN KEY constraint failed",),
+        *pg('violates foreign key constraint "items_parent_id_fkey"', "[SQLSTATE 23503]"),
     ),
     "not-null violation": Case(
         missing_nickname,
@@ -317,6 +327,34 @@ async def test_database_error_wrapped_by_the_app_is_redacted_too(
     assert "accounts" in served.log  # the constraint (PostgreSQL) or table (SQLite) is named
     assert sentinel not in served.everywhere()
     assert "[SQL:" not in served.everywhere()
+
+
+def fail_while_handling_another_error(session: Session, sentinel: str) -> None:
+    try:
+        raise LookupError("no cached account")
+    except LookupError:
+        duplicate_email(session, sentinel)
+
+
+async def test_redacted_error_keeps_the_error_it_was_raised_while_handling(
+    database: AnyDatabase, sentinel: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if isinstance(database, AsyncDatabase):
+        pytest.skip("SQLAlchemy's greenlet bridge drops this context, redacted or not")
+    await create_tables(database)
+    app = make_app(database)
+    route(
+        app,
+        database,
+        "/fail",
+        lambda session, _: fail_while_handling_another_error(session, sentinel),
+    )
+
+    served = await serve_one(app, caplog)
+
+    assert "LookupError: no cached account" in served.log
+    assert "During handling of the above exception, another exception occurred" in served.log
+    assert sentinel not in served.everywhere()
 
 
 async def test_commit_failing_after_the_response_started_is_logged_without_the_data(
