@@ -290,6 +290,26 @@ async def test_logged_error_names_the_mistake_and_never_the_data(
     assert [line for line in PG_ERROR_LINES if line in everywhere] == []
 
 
+@pytest.mark.parametrize("work", [text_for_an_integer, unterminated_literal])
+async def test_value_holding_quotes_is_cut_whole(
+    database: AnyDatabase,
+    work: Callable[[Session, str], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A value that closes the driver's quotes itself leaves no piece behind."""
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    await create_tables(database)
+    app = make_app(database)
+    route(app, database, "/fail", lambda session, _: work(session, f'{first}" or "{second}'))
+
+    served = await serve_one(app, caplog)
+
+    assert served.response.status_code == 500
+    everywhere = served.everywhere()
+    assert first not in everywhere
+    assert second not in everywhere
+
+
 class SignupFailed(Exception):
     """An app's own error, raised from the database error it caught."""
 
