@@ -30,6 +30,8 @@ _NAMES_ONLY_CLASSES = frozenset({"08", "23", "28", "3D", "3F", "42", "55"})
 _SYNTAX_ERROR = "42601"
 
 _QUOTE = re.compile("[\"']")
+# A string as repr() writes it: quotes inside are escaped.
+_PYTHON_STRING = re.compile(r"'(?:[^'\\\n]|\\.)*'|\"(?:[^\"\\\n]|\\.)*\"")
 # A keyword or identifier, as opposed to a string or number literal.
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _ARGUMENT = re.compile(
@@ -89,18 +91,34 @@ def _redact_statement_error(exc: StatementError) -> None:
     if any(exc.__cause__ is e for e in inner):
         exc.__cause__ = None
     if any(exc.__context__ is e for e in inner):
-        outer = inner[-1].__context__
-        while outer is not None and any(outer is e for e in inner):
-            outer = outer.__context__
-        exc.__context__ = outer
+        # A Python error from SQLAlchemy's own processing was raised while handling
+        # its internals (a KeyError holding the value): nothing of it is worth a log.
+        exc.__context__ = _handled_before(inner) if isinstance(exc, DBAPIError) else None
         exc.__suppress_context__ = exc.__cause__ is not None
+
+
+def _handled_before(inner: list[BaseException]) -> BaseException | None:
+    """The exception the app was handling when the driver failed, if any."""
+    internal = {type(e).__module__.split(".")[0] for e in inner} - {"sqlalchemy", "builtins"}
+    outer = inner[-1].__context__
+    while outer is not None and (
+        any(outer is e for e in inner)
+        or (
+            type(outer).__module__.split(".")[0] in internal
+            and not isinstance(outer, StatementError)
+        )
+    ):
+        outer = outer.__context__
+    return outer
 
 
 def describe(exc: StatementError) -> str:
     """``(driver.ErrorClass) primary message [SQLSTATE xxxxx]``, with values replaced."""
     orig = exc.orig
     if orig is None:
-        return _scrub(_first_line(exc._message()), _keep_type_names)
+        return _scrub(
+            _first_line(str(exc.args[0]) if exc.args else ""), _keep_type_names, escaped=True
+        )
     driver = _driver_chain(orig)[-1]
     sqlstate = _sqlstate(orig, driver)
     # The driver's own class: asyncpg's "UniqueViolationError" says more than
@@ -122,7 +140,7 @@ def _message(exc: StatementError, orig: BaseException, driver: BaseException, sq
         text = str(driver)
         if (match := _ARGUMENT.match(text)) and driver.__cause__ is not None:
             # asyncpg, before sending: "...argument $1: <repr of the value> (<why>)".
-            why = _scrub(_first_line(str(driver.__cause__)), _keep_type_names)
+            why = _scrub(_first_line(str(driver.__cause__)), _keep_type_names, escaped=True)
             return f"invalid input for query argument {match.group(1)}: {PLACEHOLDER} ({why})"
         connecting = exc.statement is None and type(orig).__module__ != "sqlite3"
         if isinstance(exc, DBAPIError) and connecting and not sqlstate:
@@ -137,20 +155,30 @@ def _message(exc: StatementError, orig: BaseException, driver: BaseException, sq
         # Pieces of the statement (SQLite's 'near "...": syntax error') or type names
         # in a client library's complaint: a keyword or identifier stays, a literal goes.
         return _scrub(primary, lambda quoted: quoted in names or _is_word(quoted))
-    return _scrub(primary, lambda quoted: quoted in names or _keep_type_names(quoted))
+    # Python's own errors (SQLAlchemy's type processing) quote with repr().
+    python = not isinstance(exc, DBAPIError)
+    keep = lambda quoted: quoted in names or _keep_type_names(quoted)  # noqa: E731
+    return _scrub(primary, keep, escaped=python)
 
 
-def _scrub(text: str, keep: Callable[[str], bool]) -> str:
+def _scrub(text: str, keep: Callable[[str], bool], *, escaped: bool = False) -> str:
     """Replace each quoted string that ``keep`` rejects with a quoted placeholder.
 
-    A rejected value may itself contain quotes, so the cut runs to the last quote
-    of the same kind: more is lost than needed rather than part of a value kept.
+    Python's messages quote with ``repr()`` (``escaped``), where a quote inside a
+    string is escaped, so each string ends where it says. A database server quotes
+    without escaping: a rejected value may itself hold quotes, so the cut runs to
+    the last quote of its kind, losing more than needed rather than part of a value.
+    An unpaired quote opens a value that runs to the end.
     """
     parts = []
     pos = 0
     while (match := _QUOTE.search(text, pos)) is not None:
         quote, start = match.group(), match.start()
-        end = text.find(quote, start + 1)
+        if escaped:
+            literal = _PYTHON_STRING.match(text, start)
+            end = literal.end() - 1 if literal else -1
+        else:
+            end = text.find(quote, start + 1)
         if end == -1:
             parts.append(f"{text[pos:start]}{quote}{PLACEHOLDER}")
             pos = len(text)
@@ -160,7 +188,7 @@ def _scrub(text: str, keep: Callable[[str], bool]) -> str:
             pos = end + 1
         else:
             parts.append(f"{text[pos:start]}{quote}{PLACEHOLDER}{quote}")
-            pos = text.rfind(quote) + 1
+            pos = end + 1 if escaped else text.rfind(quote) + 1
     parts.append(text[pos:])
     return "".join(parts)
 

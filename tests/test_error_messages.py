@@ -22,8 +22,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import CheckConstraint, ForeignKey, String, UniqueConstraint, make_url, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import (
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    String,
+    UniqueConstraint,
+    make_url,
+    text,
+)
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from starlette.background import BackgroundTask
 from starlette.responses import Response
@@ -63,6 +71,9 @@ class Account(Schema):
     email: Mapped[str] = mapped_column(String(200))
     nickname: Mapped[str | None] = mapped_column(String(200), nullable=False)
     age: Mapped[int] = mapped_column(default=30)
+    mood: Mapped[str] = mapped_column(
+        Enum("calm", "busy", name="mood", validate_strings=True), default="calm"
+    )
     team_id: Mapped[int | None] = mapped_column(
         ForeignKey("teams.id", name="accounts_team_fk"), default=None
     )
@@ -113,6 +124,10 @@ def misspelt_keyword(session: Session, sentinel: str) -> None:
 
 def unterminated_literal(session: Session, sentinel: str) -> None:
     session.execute(text(f"SELECT '{sentinel}"))  # the literal is the bad token
+
+
+def unknown_mood(session: Session, sentinel: str) -> None:
+    add_account(session, "e", mood=sentinel)  # refused by SQLAlchemy, before the driver
 
 
 def text_for_an_integer(session: Session, sentinel: str) -> None:
@@ -181,6 +196,10 @@ CASES = {
         unterminated_literal,
         ('unrecognized token: "\u2026"',),
         *pg('unterminated quoted string at or near "\u2026"', "[SQLSTATE 42601]"),
+    ),
+    "value outside an Enum": Case(
+        unknown_mood,
+        *[("(builtins.LookupError) '\u2026' is not among the defined enum values",)] * 3,
     ),
     "bad input type": Case(
         text_for_an_integer,
@@ -280,7 +299,7 @@ async def test_logged_error_names_the_mistake_and_never_the_data(
     assert served.response.status_code == 500
     assert served.response.text == "Internal Server Error"
     [error] = served.escaped
-    assert isinstance(error, DBAPIError)  # the type is kept, for handlers and tests
+    assert isinstance(error, StatementError)  # the type is kept, for handlers and tests
     logged = "".join(traceback.format_exception(error))
     for phrase in getattr(case, driver_of(database)):
         assert phrase in logged
