@@ -102,12 +102,11 @@ def check_driver(url: URL, *, want_async: bool, cls_name: str) -> None:
             "Use a sync driver such as 'sqlite' or 'postgresql+psycopg', "
             "or use AsyncDatabase() for async code."
         )
-    import_driver = getattr(dialect, "import_dbapi", None)
-    if import_driver is None:
-        return
     try:
         # What create_engine() would do next; here the error can say what to install.
-        import_driver()
+        dialect.import_dbapi()
+    except NotImplementedError:
+        pass  # a third-party dialect with the older dbapi() hook: create_engine() copes
     except ModuleNotFoundError as exc:
         module = (exc.name or dialect.driver).split(".")[0]
         raise ModuleNotFoundError(

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy.dialects import registry
+from sqlalchemy.engine.default import DefaultDialect
+from sqlalchemy.exc import SADeprecationWarning
 
 from middleware_sessions import AsyncDatabase, Database
 from middleware_sessions.exceptions import BLOCKING_USE
@@ -87,6 +92,36 @@ def test_postgres_scheme_from_the_environment_gets_the_hint_too(
         AsyncDatabase()
 
     assert PASSWORD not in everything_printed(info.value)
+
+
+def test_missing_driver_of_another_dialect_names_its_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "pymysql", None)
+
+    with pytest.raises(ModuleNotFoundError, match="Install it with pip install pymysql") as info:
+        Database(f"mysql+pymysql://app:{PASSWORD}@db.example/app")
+
+    assert PASSWORD not in everything_printed(info.value)
+
+
+class LegacyDialect(DefaultDialect):
+    """A third-party dialect written before SQLAlchemy 2.0: ``dbapi()``, no ``import_dbapi()``."""
+
+    name = "legacydb"
+
+    @classmethod
+    def dbapi(cls) -> Any:
+        return sqlite3
+
+
+def test_dialect_with_the_older_driver_hook_is_left_to_sqlalchemy() -> None:
+    registry.register("legacydb", __name__, "LegacyDialect")
+
+    with pytest.warns(SADeprecationWarning, match="import_dbapi"):
+        db = Database("legacydb://")
+
+    assert isinstance(db.engine.dialect, LegacyDialect)
 
 
 def test_installed_driver_needs_no_hint(tmp_path: Path) -> None:
