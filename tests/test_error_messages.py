@@ -38,6 +38,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from middleware_sessions import AsyncDatabase, Database
+from middleware_sessions._diagnostics import redact
 
 from ._postgres import PostgresServer
 from .helpers import AnyDatabase, add_item_with_parent, make_app, route
@@ -518,3 +519,36 @@ async def dispose(db: AnyDatabase) -> None:
         await db.engine.dispose()
     else:
         db.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_redacting_twice_changes_nothing(postgres_server: PostgresServer) -> None:
+    """The middleware may meet one error twice (at the commit, then leaving the app).
+
+    psycopg's own complaints carry no SQLSTATE: read again once the statement is
+    gone, one would pass for a connection failure and come back whole.
+    """
+    db = Database(postgres_server.url("psycopg"))
+    with pytest.raises(DBAPIError) as info, db.session_scope() as session:
+        session.execute(text("SELECT :v"), {"v": {"k": 1}})  # psycopg cannot adapt a dict
+    db.engine.dispose()
+
+    once = str(redact(info.value))
+    twice = str(redact(info.value))
+
+    assert once == twice
+    assert "cannot adapt type 'dict'" in twice
+
+
+def test_unpaired_quote_hides_the_rest_of_the_message(sentinel: str) -> None:
+    error = StatementError("", "SELECT 1", None, ValueError(f"bad value '{sentinel} for id"))
+
+    assert str(redact(error)) == "(builtins.ValueError) bad value '\u2026"
+
+
+def test_statement_error_without_an_original_keeps_its_message_without_values(
+    sentinel: str,
+) -> None:
+    error = StatementError(f"no value for '{sentinel}'", "SELECT 1", None, None)
+
+    assert str(redact(error)) == "no value for '\u2026'"
