@@ -255,7 +255,8 @@ class _Request(Holder):
             self.poisoned = True
             scope = self.scope
             where = f"{scope.get('method')} {scope.get('path')}"
-            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
+            cause = self.middleware.redact_in_place(exc)  # it is printed with ours
+            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from cause
         if isinstance(exc, PoolTimeout) and not self.started:
             await self._answer_503()
             return True
