@@ -279,7 +279,7 @@ class _Request(Holder):
         finally:
             hooks = take_ready(flavour.sync_session(session))
         if hooks:
-            await run_hooks(hooks, self._where())
+            await run_hooks(hooks, self._where(), middleware.redact_in_place)
 
     async def _close(self, session: Any, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session.
