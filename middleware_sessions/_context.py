@@ -16,19 +16,22 @@ from typing import Any
 class Holder:
     """The session slot of one request or one ``session_scope()``.
 
-    No ``__init__``: the defaults live on the class, so a request that never
-    touches the database pays for a bare object and nothing else.
+    Slotted: a request that never touches the database pays for one small object
+    (the middleware's per-request object is a ``Holder`` too, so not two).
     """
 
-    session: Any = None
-    open: bool = True
-    rollback_only: bool = False
-    # Set by an owner that never commits (``session_scope(commit=False)``,
-    # ``commit_on=None``), so per-task sessions under it don't either.
-    never_commits: bool = False
-    # Inside ``task_sessions()``: the block (a ``_tasks.TaskSessions``) that hands
-    # each task a holder of its own.
-    tasks: Any = None
+    __slots__ = ("never_commits", "open", "rollback_only", "session", "tasks")
+
+    def __init__(self) -> None:
+        self.session: Any = None
+        self.open = True
+        self.rollback_only = False
+        # Set by an owner that never commits (``session_scope(commit=False)``,
+        # ``commit_on=None``), so per-task sessions under it don't either.
+        self.never_commits = False
+        # Inside ``task_sessions()``: the block (a ``_tasks.TaskSessions``) that
+        # hands each task a holder of its own.
+        self.tasks: Any = None
 
     def empty(self) -> Any:
         """Empty the slot for good (it never fills again) and return what it held."""
