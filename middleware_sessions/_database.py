@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token, copy_context
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, overload
 
@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypeVar, Unpack
 
-from . import _hooks
+from . import _hooks, _tasks
 from ._binding import Binding, bind
 from ._context import Holder
 from ._flavour import ASYNC, SYNC, Flavour, finish
@@ -87,6 +87,8 @@ class _BaseDatabase(Generic[S]):
         holder = self._var.get(None)
         if holder is None:
             raise self._missing()
+        if holder.tasks is not None:
+            holder = holder.tasks.holder()  # this task's own, inside task_sessions()
         session = holder.session
         if session is None:
             if not holder.open:
@@ -140,6 +142,8 @@ class _BaseDatabase(Generic[S]):
         holder = self._var.get(None)
         if holder is None:
             raise self._missing()
+        if holder.tasks is not None:
+            holder = holder.tasks.holder()
         holder.rollback_only = True
 
     def override(
@@ -186,8 +190,11 @@ class _BaseDatabase(Generic[S]):
         previous, self._binding = self._binding, binding
         return previous
 
-    def _open_scope(self, session_options: Mapping[str, Any]) -> tuple[Holder, Token[Any]]:
+    def _open_scope(
+        self, session_options: Mapping[str, Any], commit: bool = True
+    ) -> tuple[Holder, Token[Any]]:
         holder = Holder()
+        holder.never_commits = not commit
         holder.session = self._binding.sessionmaker(**session_options)
         return holder, self._var.set(holder)
 
@@ -299,7 +306,7 @@ class Database(_BaseDatabase[SessionT]):
         commits (the block's work is rolled back at the end); ``session_options``
         go to the session factory for this scope only.
         """
-        holder, token = self._open_scope(session_options)
+        holder, token = self._open_scope(session_options, commit)
         session = holder.session
         succeeded = False
         try:
@@ -381,7 +388,7 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
         commits (the block's work is rolled back at the end); ``session_options``
         go to the session factory for this scope only.
         """
-        holder, token = self._open_scope(session_options)
+        holder, token = self._open_scope(session_options, commit)
         session = holder.session
         succeeded = False
         try:
@@ -399,3 +406,45 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
             finally:
                 ready = _hooks.take_ready(session.sync_session)
                 await _hooks.run_async(ready, "a session_scope()")
+
+    def task_sessions(
+        self, *, max_concurrent: int | None = None
+    ) -> AbstractAsyncContextManager[Any]:
+        """Give each asyncio task started inside the block a session of its own.
+
+        The task that opens the block keeps the request's (or scope's) session.
+        Every other task that reads ``db.session`` gets its own, committed when the
+        task finishes without an exception and rolled back otherwise (always rolled
+        back under a scope or middleware that never commits), then closed.
+        ``max_concurrent`` caps how many are open at once: tasks then take a slot
+        through ``db.gather()`` or ``db.task_session()``.
+        """
+        return _tasks.task_sessions(self, max_concurrent)
+
+    async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
+        """``asyncio.gather`` where each coroutine runs with a session of its own.
+
+        Each session is settled (commit on success, rollback on error) as its
+        coroutine ends, before ``gather`` returns. Inside ``task_sessions()`` it
+        honours the block's ``max_concurrent``; elsewhere it opens a block for the call.
+        """
+        block = _tasks.current_block(self)
+        if block is not None:
+            return await block.gather(*aws, return_exceptions=return_exceptions)
+        async with _tasks.task_sessions(self, None) as block:
+            return await block.gather(*aws, return_exceptions=return_exceptions)
+
+    @asynccontextmanager
+    async def task_session(self) -> AsyncIterator[AsyncSessionT]:
+        """This task's own session inside ``task_sessions()``, taking a slot first.
+
+        Waits for one of the block's ``max_concurrent`` slots, yields the task's
+        session, and settles it when the ``async with`` ends. Outside
+        ``task_sessions()`` it is simply ``db.session``.
+        """
+        block = _tasks.current_block(self)
+        if block is None:
+            yield self.session
+            return
+        async with block.slot():
+            yield self.session

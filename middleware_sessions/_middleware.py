@@ -105,6 +105,7 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
+        self._var = db._var
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -123,7 +124,7 @@ class DBSessionMiddleware:
             replay = Replay(receive)
             request = _ReplicaRequest(self, scope, send, replay)
             receive = replay.receive
-        var = self.db._var
+        var = self._var
         token = var.set(request)
         app_failed = True
         try:
@@ -147,7 +148,8 @@ class DBSessionMiddleware:
                 raise request.error
         finally:
             var.reset(token)
-            session = request.empty()
+            # Holder.empty(), inlined: this runs for every request.
+            session, request.session, request.open = request.session, None, False
             if session is not None:
                 await request.finish(session, app_failed=app_failed)
 
@@ -224,6 +226,8 @@ class _Request(Holder):
         self.started = False
         self.error: BaseException | None = None
         self.poisoned = False
+        self.never_commits = middleware.commit_on is None  # nor do its per-task sessions
+        self.tasks = None
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
@@ -267,7 +271,8 @@ class _Request(Holder):
             self.poisoned = True
             scope = self.scope
             where = f"{scope.get('method')} {scope.get('path')}"
-            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
+            cause = self.middleware.redact_in_place(exc)  # it is printed with ours
+            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from cause
         if isinstance(exc, PoolTimeout) and not self.started:
             await self._answer_503()
             return True
@@ -290,7 +295,7 @@ class _Request(Holder):
         finally:
             hooks = take_ready(flavour.sync_session(session))
         if hooks:
-            await run_hooks(hooks, self._where())
+            await run_hooks(hooks, self._where(), middleware.redact_in_place)
 
     async def _close(self, session: Any, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session.
