@@ -19,6 +19,8 @@ from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
+from ._replicas import Replay, failed_replica, route_of
+from ._tokens import PRIMARY_ONLY, Tokens, insert_lsn, wrote
 from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 
 logger = logging.getLogger("middleware_sessions")
@@ -103,6 +105,7 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
+        self._var = db._var
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -115,28 +118,38 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request = _Request(self, scope, send)
-        var = self.db._var
+        if self.db._binding.replicas is None:
+            request = _Request(self, scope, send)
+        else:
+            replay = Replay(receive)
+            request = _ReplicaRequest(self, scope, send, replay)
+            receive = replay.receive
+        var = self._var
         token = var.set(request)
         app_failed = True
         try:
-            try:
-                await self.app(scope, receive, request.send)
-                app_failed = False
-            except _CommitFailed:
-                pass  # the real error is raised below, outside this handler
-            except BaseException as exc:
-                if not (request.error is not None and _only_commit_failed(exc)):
-                    if await request.answered(exc):
-                        return
-                    raise
+            while True:
+                try:
+                    await self.app(scope, receive, request.send)
+                    app_failed = False
+                except _CommitFailed:
+                    pass  # the real error is raised below, outside this handler
+                except BaseException as exc:
+                    if not (request.error is not None and _only_commit_failed(exc)):
+                        if isinstance(request, _ReplicaRequest) and await request.read_again(exc):
+                            continue  # on the primary, this time
+                        if await request.answered(exc):
+                            return
+                        raise
+                break
             if request.error is not None:
                 # Raised here, so the framework logs the database error itself and
                 # sends its 500 (the start message never went out).
                 raise request.error
         finally:
             var.reset(token)
-            session = request.empty()
+            # Holder.empty(), inlined: this runs for every request.
+            session, request.session, request.open = request.session, None, False
             if session is not None:
                 await request.finish(session, app_failed=app_failed)
 
@@ -170,9 +183,12 @@ class DBSessionMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 binding = self.db._binding
-                if binding.owns_engine:
+                engines = [binding.engine] if binding.owns_engine else []
+                if binding.replicas is not None:
+                    engines += binding.replicas.owned_engines
+                for engine in engines:
                     try:
-                        await self.db._flavour.dispose(binding.engine)
+                        await self.db._flavour.dispose(engine)
                     except Exception:
                         logger.error(
                             "Disposing of the database engine at shutdown failed.", exc_info=True
@@ -210,6 +226,8 @@ class _Request(Holder):
         self.started = False
         self.error: BaseException | None = None
         self.poisoned = False
+        self.never_commits = middleware.commit_on is None  # nor do its per-task sessions
+        self.tasks = None
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
@@ -253,7 +271,8 @@ class _Request(Holder):
             self.poisoned = True
             scope = self.scope
             where = f"{scope.get('method')} {scope.get('path')}"
-            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
+            cause = self.middleware.redact_in_place(exc)  # it is printed with ours
+            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from cause
         if isinstance(exc, PoolTimeout) and not self.started:
             await self._answer_503()
             return True
@@ -276,7 +295,7 @@ class _Request(Holder):
         finally:
             hooks = take_ready(flavour.sync_session(session))
         if hooks:
-            await run_hooks(hooks, self._where())
+            await run_hooks(hooks, self._where(), middleware.redact_in_place)
 
     async def _close(self, session: Any, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session.
@@ -330,3 +349,83 @@ class _Request(Holder):
 
     def _where(self) -> str:
         return f"{self.scope.get('method')} {self.scope.get('path')}"
+
+
+class _ReplicaRequest(_Request):
+    """A request to a database with read replicas.
+
+    Its session reads from a replica when its route is read-only (``route_scope``); a
+    replica that fails it is replaced by the primary and the request run again; the
+    start of a response to a request that wrote carries a read-your-writes cookie.
+    """
+
+    __slots__ = ("_forward", "replay")
+
+    def __init__(
+        self, middleware: DBSessionMiddleware, scope: Scope, send: Send, replay: Replay
+    ) -> None:
+        super().__init__(middleware, scope, send)
+        self.route_scope = scope
+        self.replay: Replay | None = replay
+        self._forward = send
+        self._send = self._send_with_token
+
+    async def _send_with_token(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.session is not None:
+            replicas = self.middleware.db._binding.replicas
+            if replicas is not None and replicas.tokens is not None:
+                message = await self._with_token(replicas.tokens, self.session, message)
+        await self._forward(message)
+
+    async def _with_token(self, tokens: Tokens, session: Any, message: Message) -> Message:
+        """The start message with a read-your-writes cookie, if the request wrote."""
+        flavour = self.middleware.db._flavour
+        sync_session = flavour.sync_session(session)
+        if not wrote(sync_session) or route_of(sync_session) is not None:
+            return message
+        try:
+            with anyio.CancelScope(shield=True):
+                value = tokens.sign(await flavour.run(session, insert_lsn))
+        except Exception:
+            # Committed, but where to? The cookie then sends reads to the primary.
+            logger.warning(
+                "Could not read the primary's WAL position after %s; this client reads "
+                "from the primary until its %s cookie expires.",
+                self._where(),
+                tokens.cookie,
+                exc_info=True,
+            )
+            value = PRIMARY_ONLY
+        headers = [*message.get("headers", ()), tokens.header(value)]
+        return {**message, "headers": headers}
+
+    async def read_again(self, exc: BaseException) -> bool:
+        """Get ready to run a read-only request again on the primary if its replica failed it.
+
+        Only before anything was sent, and only a request without a body (one that can
+        be replayed). True if the app should be called again.
+        """
+        session, replay = self.session, self.replay
+        if session is None or self.started or replay is None:
+            return False
+        replicas = self.middleware.db._binding.replicas
+        flavour = self.middleware.db._flavour
+        replica = failed_replica(flavour.sync_session(session), exc)
+        if replicas is None or replica is None or not replay.rewind():
+            return False
+        replicas.set.skip(replica, "failed a read")
+        logger.warning(
+            "Reading from replica %s failed for %s; reading from the primary instead.",
+            replica.name,
+            self._where(),
+        )
+        with anyio.CancelScope(shield=True):
+            try:
+                await flavour.finish(session, commit=False, discard_connection=True)
+            except Exception:
+                logger.debug("Discarding the failed replica session raised.", exc_info=True)
+        # No route scope any more: the next db.session is on the primary. Once only.
+        self.session = None
+        self.route_scope = None
+        self.replay = None
+        return True

@@ -15,16 +15,22 @@ ATTRIBUTE = "__middleware_sessions_policy__"
 class Policy:
     commit_on: Callable[[int], bool] | None
     read_only: bool
+    replica: bool = True
 
 
 def transaction_policy(
-    *, commit_on: Callable[[int], bool] | None = None, read_only: bool = False
+    *,
+    commit_on: Callable[[int], bool] | None = None,
+    read_only: bool = False,
+    replica: bool = True,
 ) -> Callable[[Endpoint], Endpoint]:
     """Override the middleware's ``commit_on`` for one route.
 
     ``commit_on=...`` decides from the status, as the middleware's option does;
     ``read_only=True`` never commits (the transaction is rolled back after the
-    response, so the status is not held up by a COMMIT round-trip). Works on
+    response, so the status is not held up by a COMMIT round-trip); with a database
+    that has ``replicas=[...]`` it also reads from a replica, unless ``replica=False``
+    keeps it on the primary. Works on
     ``def`` and ``async def`` endpoints, above or below the route decorator::
 
         @router.get("/report")
@@ -42,7 +48,13 @@ def transaction_policy(
             "transaction_policy() needs commit_on=<callable taking the status code> "
             "or read_only=True."
         )
-    policy = Policy(commit_on=commit_on, read_only=read_only)
+    if not replica and not read_only:
+        raise ValueError(
+            "transaction_policy() got replica=False without read_only=True. "
+            "Only read-only routes read from replicas; every other route uses the primary. "
+            "Drop replica=False, or add read_only=True."
+        )
+    policy = Policy(commit_on=commit_on, read_only=read_only, replica=replica)
 
     def mark(endpoint: Endpoint) -> Endpoint:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from sqlalchemy.engine import Engine
 from middleware_sessions import AsyncDatabase, Database
 
 from ._postgres import PostgresServer
-from .helpers import AnyDatabase, Base, postgres_or_skip
+from ._replica import Replication
+from .helpers import AnyDatabase, Base, Client, postgres_or_skip, replication_or_skip
 
 BACKENDS = [
     pytest.param(("sync", "sqlite"), id="sync-sqlite"),
@@ -47,17 +49,50 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def replication() -> Iterator[Replication]:
+    """A primary and a streaming replica for the whole run, or a skip that says why not."""
+    with replication_or_skip() as pair:
+        yield pair
+
+
+@pytest.fixture
+def replicated(replication: Replication) -> Iterator[Replication]:
+    """The primary and replica with a fresh database (``replicated.database``), empty tables.
+
+    Whatever a test does to the replica (pause, delay, stop) is undone afterwards.
+    """
+    name = next(_database_names)
+    replication.create_database(name)
+    replication.database = name
+    setup = Database(replication.url("psycopg"))
+    Base.metadata.create_all(setup.engine)
+    setup.engine.dispose()
+    replication.replica.catch_up()
+    yield replication
+    replica = replication.replica
+    if not replica.running:
+        replica.start_again()
+    replica.set_apply_delay(0)
+    replica.resume_replay()
+    replica.catch_up()
+
+
 def _enforce_sqlite_foreign_keys(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
         dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
 
-@pytest.fixture(params=BACKENDS)
-async def make_database(
+def _only(flavour: str) -> list[Any]:
+    return [param for param in BACKENDS if param.values[0][0] == flavour]
+
+
+@asynccontextmanager
+async def _factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Callable[..., AnyDatabase]]:
-    """Build databases of one flavour and backend, on one fresh database with empty tables."""
+    """Build databases of ``request.param``'s flavour and backend, on one fresh database."""
     flavour, backend = request.param
     if backend == "sqlite":
         sync_url = f"sqlite:///{tmp_path / 'test.db'}"
@@ -89,12 +124,23 @@ async def make_database(
         return db
 
     make.url = url  # type: ignore[attr-defined]
-    yield make
-    for db in made:
-        if isinstance(db, AsyncDatabase):
-            await db.engine.dispose()
-        else:
-            db.engine.dispose()
+    try:
+        yield make
+    finally:
+        for db in made:
+            if isinstance(db, AsyncDatabase):
+                await db.engine.dispose()
+            else:
+                db.engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+async def make_database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., AnyDatabase]]:
+    """Build databases of one flavour and backend, on one fresh database with empty tables."""
+    async with _factory(request, tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
@@ -103,8 +149,28 @@ def database(make_database: Callable[..., AnyDatabase]) -> AnyDatabase:
     return make_database()
 
 
+@pytest.fixture(params=_only("async"))
+async def async_database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncDatabase]:
+    """One ``AsyncDatabase``, on SQLite and on PostgreSQL, for what only the async flavour has."""
+    async with _factory(request, tmp_path) as make:
+        db = make()
+        assert isinstance(db, AsyncDatabase)
+        yield db
+
+
+@pytest.fixture(params=_only("sync"))
+async def sync_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """One ``Database``, on SQLite and on PostgreSQL, for what only the sync flavour has."""
+    async with _factory(request, tmp_path) as make:
+        db = make()
+        assert isinstance(db, Database)
+        yield db
+
+
 @pytest.fixture
-async def client() -> AsyncIterator[Callable[[FastAPI], httpx.AsyncClient]]:
+async def client() -> AsyncIterator[Client]:
     """In-process HTTP clients for an app; server errors come back as 500s."""
     clients: list[httpx.AsyncClient] = []
 

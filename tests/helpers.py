@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import ForeignKey, String, select
@@ -15,11 +17,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware
 
 from ._postgres import PostgresServer, skip_reason
+from ._replica import Replication, replication_skip_reason
 
 # CI sets this: there the PostgreSQL tests must run, and a missing server fails them.
 REQUIRE_POSTGRES = os.environ.get("MIDDLEWARE_SESSIONS_REQUIRE_POSTGRES") == "1"
 
 AnyDatabase = Database | AsyncDatabase
+# The ``client`` fixture: an in-process HTTP client for an app.
+Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 class Base(DeclarativeBase):
@@ -115,6 +120,20 @@ def checked_out(db: AnyDatabase) -> int:
     return db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
 
 
+async def poll_until(predicate: Callable[[], bool], attempts: int = 1000) -> None:
+    """Check ``predicate`` every 10 ms, for at most ``attempts`` times; fail if it never holds.
+
+    For what finishes in the background (tasks running out, sessions closing):
+    the test waits for it, not for a guessed delay. ``attempts`` only bounds a
+    hang, so it can be generous.
+    """
+    for _ in range(attempts):
+        if predicate():
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"still not true after {attempts} attempts")
+
+
 @contextmanager
 def postgres_or_skip() -> Iterator[PostgresServer]:
     """A throwaway PostgreSQL server, or a skip that says why not (a failure in CI)."""
@@ -125,3 +144,18 @@ def postgres_or_skip() -> Iterator[PostgresServer]:
         pytest.skip(reason)
     with PostgresServer() as server:
         yield server
+
+
+@contextmanager
+def replication_or_skip() -> Iterator[Replication]:
+    """A throwaway primary and streaming replica, or a skip that says why not (a failure in CI)."""
+    reason = replication_skip_reason()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL replication is required here: {reason}")
+        pytest.skip(reason)
+    replication = Replication().start()
+    try:
+        yield replication
+    finally:
+        replication.stop()
