@@ -33,6 +33,8 @@ class Holder(Generic[S]):
     error: BaseException | None = None
     # Two tasks used the session at once: its connection may still be busy.
     poisoned: bool = False
+    # A statement failed with this retryable SQLSTATE (noted by ``_retry.watch``).
+    conflict: str | None = None
 
     def close(self) -> S | None:
         """Empty the slot for good and return what it held."""

@@ -1,0 +1,262 @@
+"""Running a request again after a serialization failure or a deadlock.
+
+Under ``SERIALIZABLE`` isolation PostgreSQL aborts one of two conflicting
+transactions with SQLSTATE 40001 and expects the client to run it again; any
+isolation level can deadlock (40P01). The middleware settles the transaction
+before anything of the response is forwarded, so it can run the whole request
+again: routing, dependencies, validation and the route itself, on a fresh session
+and with the request body replayed byte for byte.
+
+What lives here is what the dispatcher needs for that and nothing else: spotting
+a retryable failure from the driver's SQLSTATE (never the message text), noting
+one that the app turned into a response, keeping the body for the next attempt,
+the backoff, the log lines and the answer when the retries run out.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
+from starlette.types import Message, Receive, Scope, Send
+
+from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
+from ._policy import check_retries
+
+logger = logging.getLogger("middleware_sessions")
+
+#: The SQLSTATEs after which the database expects the transaction to be run again.
+RETRYABLE = {"40001": "serialization_failure", "40P01": "deadlock_detected"}
+
+DEFAULT_BODY_LIMIT = 1024 * 1024
+DEFAULT_BACKOFF_BASE = 0.01
+DEFAULT_BACKOFF_CAP = 1.0
+
+# How far down a chain of causes, contexts and groups to look (cycles are skipped anyway).
+_CHAIN_LIMIT = 64
+
+
+class Conflict(BaseException):
+    """Leaves the app when an attempt must be run again; caught by its own name only.
+
+    A ``BaseException``, so the app's handlers for ``Exception`` let it pass: the
+    attempt is over, and nothing of its response may reach the client.
+    """
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, the driver errors it wraps, its causes and contexts, group members."""
+    todo: list[object] = [exc]
+    seen: set[int] = set()
+    while todo and len(seen) < _CHAIN_LIMIT:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        # DBAPIError.orig is the driver's error; SQLAlchemy's asyncpg adapter keeps
+        # asyncpg's own on __cause__; task groups wrap errors in exception groups.
+        todo += [getattr(current, "orig", None), current.__cause__, current.__context__]
+        todo += getattr(current, "exceptions", ())
+
+
+def conflict_of(exc: BaseException | None) -> str | None:
+    """The SQLSTATE if ``exc`` comes from a serialization failure or a deadlock, else ``None``.
+
+    Looks at the ``sqlstate`` attribute that psycopg, asyncpg and SQLAlchemy's
+    asyncpg adapter give their errors (``pgcode`` for psycopg2), anywhere in the
+    exception's chain; the message text is never consulted.
+    """
+    if exc is None:
+        return None
+    for current in _chain(exc):
+        for attribute in ("sqlstate", "pgcode"):
+            state = getattr(current, attribute, None)
+            if isinstance(state, str) and state in RETRYABLE:
+                return state
+    return None
+
+
+def describe(sqlstate: str) -> str:
+    return f"SQLSTATE {sqlstate} ({RETRYABLE.get(sqlstate, 'unknown')})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The middleware's retry options, checked once at construction."""
+
+    retries: int = 0
+    body_limit: int = DEFAULT_BODY_LIMIT
+    backoff_base: float = DEFAULT_BACKOFF_BASE
+    backoff_cap: float = DEFAULT_BACKOFF_CAP
+
+    def __post_init__(self) -> None:
+        check_retries(self.retries, "DBSessionMiddleware's retries")
+        if isinstance(self.body_limit, bool) or not isinstance(self.body_limit, int):
+            raise TypeError(
+                f"DBSessionMiddleware's retry_body_limit must be a number of bytes, "
+                f"not {self.body_limit!r}. It bounds the request body kept for running the "
+                "request again. Pass an int, e.g. retry_body_limit=1024 * 1024."
+            )
+        if self.body_limit < 0:
+            raise ValueError(
+                f"DBSessionMiddleware got retry_body_limit={self.body_limit}. "
+                "A body limit cannot be negative. Pass 0 to retry only requests without a body."
+            )
+        if not (0 <= self.backoff_base <= self.backoff_cap):
+            raise ValueError(
+                f"DBSessionMiddleware got retry_backoff_base={self.backoff_base!r} and "
+                f"retry_backoff_cap={self.backoff_cap!r}. "
+                "The wait before a retry grows from the base up to the cap. "
+                "Pass 0 <= retry_backoff_base <= retry_backoff_cap (seconds)."
+            )
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...): full jitter.
+
+        A random wait between 0 and ``base * 2 ** (retry - 1)``, capped: requests
+        that collided once spread out instead of colliding again in step.
+        """
+        ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (retry - 1))
+        return random.uniform(0, ceiling)
+
+
+def retries_for(scope: Scope, default: int) -> int:
+    """The route's ``@transaction_policy(retries=...)`` if it sets one, else ``default``."""
+    policy = getattr(scope.get("endpoint"), POLICY_ATTRIBUTE, None)
+    retries: int | None = getattr(policy, "retries", None)
+    return default if retries is None else retries
+
+
+# --- Failures the app turned into a response -----------------------------------------
+#
+# A route or an exception handler may catch the driver's error and answer 409 or 500:
+# the middleware then only sees a status. A ``handle_error`` listener on the engine
+# notes the SQLSTATE on the request's holder. It is installed the first time a request
+# that may be retried uses the engine, so apps that never retry carry no listener, and
+# it runs only when a statement fails.
+
+_WATCHED: weakref.WeakKeyDictionary[Engine, set[ContextVar[Any]]] = weakref.WeakKeyDictionary()
+
+
+def watch(engine: Engine, var: ContextVar[Any]) -> None:
+    """Note retryable failures of ``engine``'s statements on the holder ``var`` points at."""
+    watched = _WATCHED.get(engine)
+    if watched is None:
+        watched = _WATCHED[engine] = set()
+    if var not in watched:
+        watched.add(var)
+        event.listen(engine, "handle_error", functools.partial(_note, var))
+
+
+def _note(var: ContextVar[Any], context: ExceptionContext) -> None:
+    state = conflict_of(context.original_exception)
+    if state is not None:
+        holder = var.get(None)
+        if holder is not None and holder.open:
+            holder.conflict = state
+
+
+# --- The request body, kept for the next attempt --------------------------------------
+
+
+class Body:
+    """The request body as the app reads it, so that the next attempt reads the same bytes.
+
+    Each attempt gets its own ``receive``: it hands back the messages read so far,
+    unchanged and in order, then goes on reading (and keeping) from the server's
+    ``receive``. A part the app never read is simply read by a later attempt. Once
+    more than ``limit`` bytes were read, or the client disconnected, nothing is
+    kept any more and :attr:`problem` says why the request cannot run again.
+    """
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._messages: list[Message] = []
+        self._size = 0
+        self.problem: str | None = None
+
+    def receive(self) -> Receive:
+        """A ``receive`` for the next attempt, starting again at the first byte."""
+        kept = iter(list(self._messages))
+
+        async def receive() -> Message:
+            message = next(kept, None)
+            if message is not None:
+                return message
+            return await self._read()
+
+        return receive
+
+    async def _read(self) -> Message:
+        message = await self._receive()
+        if self.problem is None:
+            if message["type"] == "http.request":
+                self._size += len(message.get("body", b""))
+                if self._size > self._limit:
+                    self.problem = f"its body is larger than retry_body_limit ({self._limit} bytes)"
+                    self._messages.clear()
+                else:
+                    self._messages.append(message)
+            elif message["type"] == "http.disconnect":
+                self.problem = "the client disconnected"
+        return message
+
+
+# --- Telling what happened ---------------------------------------------------------------
+
+
+def where(scope: Scope) -> str:
+    return f"{scope.get('method')} {scope.get('path')}"
+
+
+def log_retry(scope: Scope, attempt: int, sqlstate: str, delay: float) -> None:
+    """One line per retry: method, path, the attempt about to run and the SQLSTATE."""
+    logger.info(
+        "Running %s again (attempt %d) after %s; waited %.3f s.",
+        where(scope),
+        attempt,
+        describe(sqlstate),
+        delay,
+    )
+
+
+def log_gave_up(scope: Scope, attempts: int, sqlstate: str, reason: str | None) -> None:
+    """A WARNING when a conflicting request is answered 503 instead of run again."""
+    if reason is None:
+        logger.warning(
+            "%s failed with %s on each of its %d attempts; answered 503 with Retry-After, "
+            "nothing was written. Conflicts this frequent call for more retries= or "
+            "shorter transactions on the contended rows.",
+            where(scope),
+            describe(sqlstate),
+            attempts,
+        )
+    else:
+        logger.warning(
+            "%s failed with %s and was not run again: %s. Answered 503 with Retry-After, "
+            "nothing was written.",
+            where(scope),
+            describe(sqlstate),
+            reason,
+        )
+
+
+async def send_unavailable(send: Send) -> None:
+    """503 with ``Retry-After``: nothing was written, and sending it again may well work."""
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": b"Service Unavailable"})
