@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
-from typing import Any, ClassVar, Generic, Literal
+from contextvars import ContextVar, Token, copy_context
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, overload
 
 import anyio
-from sqlalchemy import URL, Engine, create_engine
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
+from typing_extensions import TypeVar
 
 from . import _hooks
-from ._config import check_driver, check_engine, engine_kwargs, resolve_url, safe_url
-from ._context import Holder, S
-from ._lifecycle import (
-    AsyncLifecycle,
-    Lifecycle,
-    SyncLifecycle,
-    end_async,
-    end_sync,
-    settle_async,
-    settle_sync,
-)
+from ._binding import Binding, bind
+from ._context import Holder
+from ._flavour import ASYNC, SYNC, Flavour, finish
 from ._override import Override
+from ._types import AsyncSessionOptions, AsyncSessionT, SessionOptions, SessionT
 from .exceptions import (
     BLOCKING_USE,
     NO_SESSION,
@@ -42,21 +30,23 @@ from .exceptions import (
     MissingSessionError,
 )
 
-_running_loop = asyncio._get_running_loop  # the fast check, without raising
-# Every database, so a missing session can say which other database's middleware ran.
-_DATABASES: weakref.WeakSet[_BaseDatabase[Any]] = weakref.WeakSet()
+S = TypeVar("S", bound="Session | AsyncSession")
+
+BlockingCheck = Literal["warn", "raise", "ignore"]
+
+# asyncio._get_running_loop() answers "is there a loop?" in ~90 ns; get_running_loop()
+# raises outside one (every db.session in a `def` route's thread) and costs ~500 ns.
+_running_loop = asyncio._get_running_loop
+
+_VAR_PREFIX = "middleware_sessions:"
 
 
 class _BaseDatabase(Generic[S]):
     """What ``Database`` and ``AsyncDatabase`` share: ``db.session`` and its bookkeeping."""
 
-    _is_async: ClassVar[bool]
-    engine: Engine | AsyncEngine
-    owns_engine: bool
-    _url: URL | None
-    sessionmaker: Callable[..., S]
-    _lifecycle: Lifecycle[S]
-    _check_loop = False
+    _flavour: ClassVar[Flavour[Any]]
+    _check_loop: bool = False
+    _binding: Binding
 
     def __init__(
         self,
@@ -65,81 +55,21 @@ class _BaseDatabase(Generic[S]):
         engine_options: Mapping[str, Any] | None,
         session_options: Mapping[str, Any] | None,
     ) -> None:
-        self._var: ContextVar[Holder[S] | None] = ContextVar(
-            f"middleware_sessions.{type(self).__name__}"
+        self._binding = bind(
+            self._flavour, type(self).__name__, url, engine, engine_options, session_options
         )
-        self._configure(url, engine, engine_options, session_options)
-        _DATABASES.add(self)
+        # Named after the database, so a missing session can say which others are here.
+        self._var: ContextVar[Holder | None] = ContextVar(_VAR_PREFIX + repr(self))
 
-    def _configure(
-        self,
-        url: str | URL | None,
-        engine: Any,
-        engine_options: Mapping[str, Any] | None,
-        session_options: Mapping[str, Any] | None,
-    ) -> None:
-        """Validate the arguments, then set the engine, factory and lifecycle."""
-        name = type(self).__name__
-        self._url = resolve_url(url, engine_given=engine is not None, cls_name=name)
-        if self._url is not None:
-            check_driver(self._url, want_async=self._is_async, cls_name=name)
-        elif engine_options:
-            raise ValueError(
-                f"{name}() got engine_options together with an engine. "
-                "Options only apply to an engine the database creates itself. "
-                "Configure your engine when you create it, or pass a URL instead."
-            )
-        else:
-            check_engine(engine, want_async=self._is_async, cls_name=name)
-        # An engine created here is ours to dispose (at lifespan shutdown); a given one is not.
-        self.owns_engine = engine is None
-        if engine is None:
-            assert self._url is not None
-            options = engine_kwargs(self._url, engine_options, is_async=self._is_async)
-            engine = self._create_engine(self._url, options)
-        self._set_engine(engine, dict(session_options or {}))
+    @property
+    def engine(self) -> Any:
+        """The engine, created from the URL or passed in."""
+        return self._binding.engine
 
-    def _create_engine(self, url: URL, options: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def _set_engine(self, engine: Any, session_options: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def override(
-        self,
-        url: str | URL | None = None,
-        *,
-        engine: Engine | AsyncEngine | None = None,
-        engine_options: Mapping[str, Any] | None = None,
-        session_options: Mapping[str, Any] | None = None,
-    ) -> Override:
-        """Point this database somewhere else until the block ends (for tests).
-
-        Takes the constructor's arguments (``url`` or ``engine``, no environment
-        fallback). Use ``with`` for ``Database``, ``async with`` for
-        ``AsyncDatabase``; an engine created for the override is disposed at the end.
-        """
-        if url is None and engine is None:
-            raise ValueError(
-                "override() needs url=... or engine=... to point the database at. "
-                "It does not read DATABASE_URL, so a test cannot silently hit the real database."
-            )
-        return Override(self, url, engine, engine_options, session_options)
-
-    _STATE = ("engine", "sessionmaker", "_lifecycle", "_url", "owns_engine")
-
-    def _snapshot(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._STATE}
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            setattr(self, name, value)
-
-    def _holder(self) -> Holder[S]:
-        holder = self._var.get(None)
-        if holder is None:
-            raise self._missing()
-        return holder
+    @property
+    def owns_engine(self) -> bool:
+        """Whether the engine was created here (and so is disposed at application shutdown)."""
+        return self._binding.owns_engine
 
     @property
     def session(self) -> S:
@@ -155,20 +85,25 @@ class _BaseDatabase(Generic[S]):
             if not holder.open:
                 raise MissingSessionError(SESSION_CLOSED)
             # A closed request session must fail loudly, never quietly start over.
-            session = holder.session = self.sessionmaker(close_resets_only=False)
+            session = holder.session = self._binding.sessionmaker(close_resets_only=False)
         if self._check_loop and _running_loop() is not None:
             self._used_on_event_loop()
-        return session
-
-    def _missing(self) -> MissingSessionError:
-        others = [db for db in list(_DATABASES) if db is not self and db._var.get(None) is not None]
-        if others:
-            names = ", ".join(repr(db) for db in others)
-            return MissingSessionError(OTHER_DATABASE.format(db=self, others=names))
-        return MissingSessionError(NO_SESSION)
+        return session  # type: ignore[no-any-return]
 
     def _used_on_event_loop(self) -> None:
-        raise NotImplementedError
+        """Only sync databases check; see ``Database``."""
+
+    def _missing(self) -> MissingSessionError:
+        # The current context knows which databases have a session here: no registry needed.
+        others = [
+            var.name.removeprefix(_VAR_PREFIX)
+            for var, value in copy_context().items()
+            if isinstance(value, Holder) and value.open and var is not self._var
+        ]
+        if others:
+            names = ", ".join(sorted(others))
+            return MissingSessionError(OTHER_DATABASE.format(db=self, others=names))
+        return MissingSessionError(NO_SESSION)
 
     def on_commit(self, hook: Callable[[], Any]) -> None:
         """Call ``hook()`` once the current transaction has committed; never if it rolls back.
@@ -177,45 +112,114 @@ class _BaseDatabase(Generic[S]):
         after the response). Async functions are awaited; plain ones run in a worker
         thread. A failing hook is logged and changes nothing: the data is committed.
         """
-        _hooks.register(self._sync_session(self.session), "commit", hook)
+        _hooks.register(self._flavour.sync_session(self.session), "commit", hook)
 
     def on_rollback(self, hook: Callable[[], Any]) -> None:
         """Call ``hook()`` once the current transaction has rolled back; never if it commits."""
-        _hooks.register(self._sync_session(self.session), "rollback", hook)
+        _hooks.register(self._flavour.sync_session(self.session), "rollback", hook)
 
     def rollback_only(self) -> None:
         """Roll back the current request's (or scope's) transaction, whatever the status.
 
         For dry runs and previews: the route runs for real, nothing is kept.
         """
-        self._holder().rollback_only = True
+        holder = self._var.get(None)
+        if holder is None:
+            raise self._missing()
+        holder.rollback_only = True
 
-    def _sync_session(self, session: S) -> Session:
-        raise NotImplementedError
+    def override(
+        self,
+        url: str | URL | None = None,
+        *,
+        engine: Engine | AsyncEngine | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        session_options: Mapping[str, Any] | None = None,
+    ) -> Override:
+        """Point this database somewhere else until the block ends (for tests).
+
+        Takes the constructor's arguments (``url`` or ``engine``, no environment
+        fallback); the constructor's ``session_options`` are kept unless new ones are
+        given. Use ``with`` for ``Database``, ``async with`` for ``AsyncDatabase``; an
+        engine created for the override is disposed at the end.
+        """
+        if url is None and engine is None:
+            raise ValueError(
+                "override() needs url=... or engine=... to point the database at. "
+                "It does not read DATABASE_URL, so a test cannot silently hit the real database."
+            )
+        if session_options is None:
+            session_options = self._binding.session_options
+        return Override(
+            self,
+            lambda: self._rebind(url, engine, engine_options, session_options),
+            creates_engine=url is not None,
+        )
+
+    def _rebind(
+        self,
+        url: str | URL | None,
+        engine: Any,
+        engine_options: Mapping[str, Any] | None,
+        session_options: Mapping[str, Any] | None,
+    ) -> Binding:
+        return bind(
+            self._flavour, type(self).__name__, url, engine, engine_options, session_options
+        )
+
+    def _swap(self, binding: Binding) -> Binding:
+        """Put ``binding`` in place and return the one it replaces."""
+        previous, self._binding = self._binding, binding
+        return previous
+
+    def _open_scope(self, session_options: Mapping[str, Any]) -> tuple[Holder, Token[Any]]:
+        holder = Holder()
+        holder.session = self._binding.sessionmaker(**session_options)
+        return holder, self._var.set(holder)
 
     def __repr__(self) -> str:
-        name = type(self).__name__
-        if self._url is not None:
-            return f"{name}({safe_url(self._url)!r})"
-        # SQLAlchemy's Engine repr already masks the password.
-        return f"{name}(engine={self.engine!r})"
+        return self._binding.describe(type(self).__name__)
 
 
-class Database(_BaseDatabase[Session]):
+class Database(_BaseDatabase[SessionT]):
     """A sync database: an ``Engine``, a ``sessionmaker`` and ``db.session``.
 
     The database is ``url``, else ``engine``, else the ``DATABASE_URL`` environment
     variable. ``engine_options`` go to ``create_engine``; ``session_options`` to
-    ``sessionmaker``. ``on_event_loop`` says what happens when ``db.session`` is used
-    on the event loop thread (an ``async def`` route), where it would block every
-    other request: ``"warn"`` (a ``BlockingSessionWarning``), ``"raise"`` or ``"ignore"``.
+    ``sessionmaker`` (``{"class_": sqlmodel.Session}`` makes ``db.session`` a SQLModel
+    session, typed as such). ``blocking_check`` says what happens when ``db.session``
+    is used on the event loop thread (an ``async def`` route), where it would block
+    every other request: ``"warn"`` (a ``BlockingSessionWarning``), ``"raise"`` or
+    ``"ignore"``.
     """
 
-    _is_async = False
-    engine: Engine
-    """The engine, created from the URL or passed in."""
-    sessionmaker: sessionmaker[Session]
-    """The session factory; each call returns a new, independent session."""
+    _flavour = SYNC
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: Database[SessionT],
+            url: str | URL | None = None,
+            *,
+            engine: Engine | None = None,
+            engine_options: Mapping[str, Any] | None = None,
+            session_options: SessionOptions[SessionT],
+            blocking_check: BlockingCheck = "warn",
+            on_event_loop: BlockingCheck | None = None,
+        ) -> None: ...
+
+        @overload
+        def __init__(
+            self: Database[Session],
+            url: str | URL | None = None,
+            *,
+            engine: Engine | None = None,
+            engine_options: Mapping[str, Any] | None = None,
+            session_options: Mapping[str, Any] | None = None,
+            blocking_check: BlockingCheck = "warn",
+            on_event_loop: BlockingCheck | None = None,
+        ) -> None: ...
 
     def __init__(
         self,
@@ -224,67 +228,98 @@ class Database(_BaseDatabase[Session]):
         engine: Engine | None = None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
-        on_event_loop: Literal["warn", "raise", "ignore"] = "warn",
+        blocking_check: BlockingCheck = "warn",
+        on_event_loop: BlockingCheck | None = None,
     ) -> None:
-        if on_event_loop not in ("warn", "raise", "ignore"):
-            raise ValueError(
-                f"Database() got on_event_loop={on_event_loop!r}; "
-                "it must be 'warn', 'raise' or 'ignore'."
+        if on_event_loop is not None:
+            warnings.warn(
+                "Database(on_event_loop=...) is deprecated and will be removed in 0.3; "
+                "use Database(blocking_check=...) instead.",
+                DeprecationWarning,
+                stacklevel=2,
             )
-        self._on_event_loop = on_event_loop
-        self._check_loop = on_event_loop != "ignore"
+            blocking_check = on_event_loop
+        if blocking_check not in ("warn", "raise", "ignore"):
+            raise ValueError(
+                f"Database() got blocking_check={blocking_check!r}. "
+                "It says what happens when db.session is used on the event loop thread. "
+                "Pass 'warn', 'raise' or 'ignore'."
+            )
+        self._blocking_check = blocking_check
+        self._check_loop = blocking_check != "ignore"
         super().__init__(url, engine, engine_options, session_options)
 
+    @property
+    def engine(self) -> Engine:
+        """The engine, created from the URL or passed in."""
+        return self._binding.engine  # type: ignore[no-any-return]
+
+    @property
+    def sessionmaker(self) -> sessionmaker[SessionT]:
+        """The session factory; each call returns a new, independent session."""
+        return self._binding.sessionmaker  # type: ignore[no-any-return]
+
     def _used_on_event_loop(self) -> None:
-        if self._on_event_loop == "raise":
+        if self._blocking_check == "raise":
             raise RuntimeError(BLOCKING_USE)
         # Through the warnings filters: shown once per call site by default.
         warnings.warn(BLOCKING_USE, BlockingSessionWarning, stacklevel=3)
 
-    def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
-        return create_engine(url, **options)
-
-    def _set_engine(self, engine: Engine, session_options: dict[str, Any]) -> None:
-        self.engine = engine
-        # sessionmaker makes a subclass of its own: our event listeners stay on it.
-        self.sessionmaker = sessionmaker(engine, **session_options)
-        _hooks.install(self.sessionmaker.class_)
-        self._lifecycle = SyncLifecycle(engine)
-
-    def _sync_session(self, session: Session) -> Session:
-        return session
-
     @contextmanager
-    def session_scope(self) -> Iterator[Session]:
+    def session_scope(self, *, commit: bool = True, **session_options: Any) -> Iterator[SessionT]:
         """A session for work outside a request: commit on exit, roll back on error, close.
 
-        Inside the block ``db.session`` is this session.
+        Inside the block ``db.session`` is this session. ``commit=False`` never
+        commits (the block's work is rolled back at the end); ``session_options``
+        go to the session factory for this scope only.
         """
-        holder: Holder[Session] = Holder()
-        session = holder.session = self.sessionmaker()
-        token = self._var.set(holder)
+        holder, token = self._open_scope(session_options)
+        session = holder.session
+        succeeded = False
         try:
             yield session
-            settle_sync(session, commit=not holder.rollback_only)
+            succeeded = True
         finally:
             self._var.reset(token)
-            holder.close()
-            end_sync(session, commit=False)
-            _hooks.run_sync(_hooks.take_ready(session), "a session_scope()")
+            holder.empty()
+            try:
+                finish(session, commit and succeeded and not holder.rollback_only)
+            finally:
+                _hooks.run_sync(_hooks.take_ready(session), "a session_scope()")
 
 
-class AsyncDatabase(_BaseDatabase[AsyncSession]):
+class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
     """An async database: an ``AsyncEngine``, an ``async_sessionmaker`` and ``db.session``.
 
     Same arguments as ``Database``. Sessions default to ``expire_on_commit=False``,
-    so objects stay readable after the commit without awaiting a reload.
+    so objects stay readable after the commit without awaiting a reload. With
+    ``session_options={"class_": sqlmodel.ext.asyncio.session.AsyncSession}``,
+    ``db.session`` is a SQLModel session (``.exec()``), typed as such.
     """
 
-    _is_async = True
-    engine: AsyncEngine
-    """The engine, created from the URL or passed in."""
-    sessionmaker: async_sessionmaker[AsyncSession]
-    """The session factory; each call returns a new, independent session."""
+    _flavour = ASYNC
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __init__(
+            self: AsyncDatabase[AsyncSessionT],
+            url: str | URL | None = None,
+            *,
+            engine: AsyncEngine | None = None,
+            engine_options: Mapping[str, Any] | None = None,
+            session_options: AsyncSessionOptions[AsyncSessionT],
+        ) -> None: ...
+
+        @overload
+        def __init__(
+            self: AsyncDatabase[AsyncSession],
+            url: str | URL | None = None,
+            *,
+            engine: AsyncEngine | None = None,
+            engine_options: Mapping[str, Any] | None = None,
+            session_options: Mapping[str, Any] | None = None,
+        ) -> None: ...
 
     def __init__(
         self,
@@ -296,38 +331,41 @@ class AsyncDatabase(_BaseDatabase[AsyncSession]):
     ) -> None:
         super().__init__(url, engine, engine_options, session_options)
 
-    def _create_engine(self, url: URL, options: dict[str, Any]) -> AsyncEngine:
-        return create_async_engine(url, **options)
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine, created from the URL or passed in."""
+        return self._binding.engine  # type: ignore[no-any-return]
 
-    def _set_engine(self, engine: AsyncEngine, session_options: dict[str, Any]) -> None:
-        self.engine = engine
-        options: dict[str, Any] = {"expire_on_commit": False, **session_options}
-        # A sync session class of our own, so our event listeners stay on it.
-        base: type[Session] = options.get("sync_session_class", Session)
-        options["sync_session_class"] = type(base.__name__, (base,), {})
-        _hooks.install(options["sync_session_class"])
-        self.sessionmaker = async_sessionmaker(engine, **options)
-        self._lifecycle = AsyncLifecycle(engine)
-
-    def _sync_session(self, session: AsyncSession) -> Session:
-        return session.sync_session
+    @property
+    def sessionmaker(self) -> async_sessionmaker[AsyncSessionT]:
+        """The session factory; each call returns a new, independent session."""
+        return self._binding.sessionmaker  # type: ignore[no-any-return]
 
     @asynccontextmanager
-    async def session_scope(self) -> AsyncIterator[AsyncSession]:
+    async def session_scope(
+        self, *, commit: bool = True, **session_options: Any
+    ) -> AsyncIterator[AsyncSessionT]:
         """A session for work outside a request: commit on exit, roll back on error, close.
 
-        Inside the block ``db.session`` is this session.
+        Inside the block ``db.session`` is this session. ``commit=False`` never
+        commits (the block's work is rolled back at the end); ``session_options``
+        go to the session factory for this scope only.
         """
-        holder: Holder[AsyncSession] = Holder()
-        session = holder.session = self.sessionmaker()
-        token = self._var.set(holder)
+        holder, token = self._open_scope(session_options)
+        session = holder.session
+        succeeded = False
         try:
             yield session
-            await settle_async(session, commit=not holder.rollback_only)
+            succeeded = True
         finally:
             self._var.reset(token)
-            holder.close()
-            # Clean up even when the block was cancelled.
-            with anyio.CancelScope(shield=True):
-                await end_async(session, commit=False)
-            await _hooks.run_async(_hooks.take_ready(session.sync_session), "a session_scope()")
+            holder.empty()
+            try:
+                # Clean up even when the block was cancelled.
+                with anyio.CancelScope(shield=True):
+                    await self._flavour.finish(
+                        session, commit=commit and succeeded and not holder.rollback_only
+                    )
+            finally:
+                ready = _hooks.take_ready(session.sync_session)
+                await _hooks.run_async(ready, "a session_scope()")

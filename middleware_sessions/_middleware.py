@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -26,28 +24,14 @@ from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 logger = logging.getLogger("middleware_sessions")
 
 
-def commit_below_400(status: int) -> bool:
-    """The default ``commit_on`` policy: commit for 1xx, 2xx and 3xx responses."""
+def _commit_below_400(status: int) -> bool:
+    """The default ``commit_on``: commit for 1xx, 2xx and 3xx responses."""
     return status < 400
 
 
-# Up to about 3 s in all, then the last attempt's error is logged.
-_BUSY_RETRY_DELAYS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5)
-
-
-async def _nothing() -> None:
-    return None
-
-
-def _wraps_twin(app: object, db: object) -> bool:
-    """Whether a DBSessionMiddleware for ``db`` sits inside ``app``'s middleware chain."""
-    for _ in range(100):
-        if isinstance(app, DBSessionMiddleware) and app.db is db:
-            return True
-        app = getattr(app, "app", None)
-        if app is None:
-            return False
-    return False
+# A task the request spawned may still be using the session when the request ends:
+# wait for it this long in all (about 3 s), then give up and log.
+_CONCURRENT_USE_RETRY_DELAYS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5)
 
 
 class _CommitFailed(BaseException):
@@ -59,26 +43,49 @@ class _CommitFailed(BaseException):
     """
 
 
+def _only_commit_failed(exc: BaseException) -> bool:
+    """``_CommitFailed``, possibly wrapped in exception groups by task groups."""
+    if isinstance(exc, _CommitFailed):
+        return True
+    inner: tuple[BaseException, ...] = getattr(exc, "exceptions", ())  # a BaseExceptionGroup
+    return bool(inner) and all(_only_commit_failed(e) for e in inner)
+
+
+def _wraps_twin(app: object, db: object) -> bool:
+    """Whether a DBSessionMiddleware for ``db`` sits inside ``app``'s middleware chain.
+
+    Walked once, when the middleware stack is built; the inner twin then does the work.
+    """
+    seen: set[int] = set()
+    while app is not None and id(app) not in seen:
+        if isinstance(app, DBSessionMiddleware) and app.db is db:
+            return True
+        seen.add(id(app))
+        app = getattr(app, "app", None)
+    return False
+
+
 class DBSessionMiddleware:
     """Give each HTTP request its own ``db.session``, settled before the status is sent.
 
     When the app sends ``http.response.start``, the transaction is committed if
     ``commit_on(status)`` holds (default: status < 400) and rolled back otherwise;
     only then is the message forwarded. A failed commit is rolled back and re-raised,
-    so the client gets a 500. The session is closed when the request ends, always.
+    so the client gets a 500. ``commit_on=None`` never commits: only the app's own
+    ``db.session.commit()`` calls write, and whatever is left is rolled back, work after
+    the response included. The session is closed when the request ends, always.
     A request that finds no free connection within ``pool_timeout`` gets a 503 with
     ``Retry-After``. Database errors leaving the app are stripped of SQL text and
-    quoted values (``redact_errors=False`` keeps them whole).
-    Websocket and lifespan traffic pass through; an engine the database created is
-    disposed at lifespan shutdown.
+    values (``redact_errors=False`` keeps them whole). Websocket and lifespan traffic
+    pass through; an engine the database created is disposed at lifespan shutdown.
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        db: Database | AsyncDatabase,
-        commit_on: Callable[[int], bool] = commit_below_400,
+        db: Database[Any] | AsyncDatabase[Any],
+        commit_on: Callable[[int], bool] | None = _commit_below_400,
         redact_errors: bool = True,
     ) -> None:
         if not isinstance(db, (Database, AsyncDatabase)):
@@ -87,16 +94,15 @@ class DBSessionMiddleware:
                 f"not {type(db).__name__}. "
                 "Create one with AsyncDatabase('sqlite+aiosqlite:///./app.db') and pass it as db=."
             )
-        if not callable(commit_on):
+        if commit_on is not None and not callable(commit_on):
             raise TypeError(
                 "DBSessionMiddleware's commit_on must be a callable taking the status code, "
-                "e.g. commit_on=lambda status: status < 400."
+                "e.g. commit_on=lambda status: status < 400, or None to never commit."
             )
         self.app = app
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
-        self._var: ContextVar[Holder[Any] | None] = db._var
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -104,163 +110,214 @@ class DBSessionMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._outer_twin:
-            if scope["type"] == "lifespan" and self.db.owns_engine and not self._outer_twin:
+            if scope["type"] == "lifespan" and not self._outer_twin:
                 send = self._dispose_at_shutdown(send)
             await self.app(scope, receive, send)
             return
 
-        holder: Holder[Any] = Holder()
-        var = self._var
-        token = var.set(holder)
-
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            # A plain function handing back send()'s awaitable: requests that never
-            # touch the database pay no extra coroutine per message.
-            if holder.error is not None:
-                return _nothing()  # the start was replaced by an error; nothing may follow
-            if message["type"] == "http.response.start":
-                if holder.session is not None:
-                    return self._start(holder, scope, message, send)
-                holder.started = True
-            return send(message)
-
+        request = _Request(self, scope, send)
+        var = self.db._var
+        token = var.set(request.holder)
         app_failed = True
         try:
             try:
-                await self.app(scope, receive, send_wrapper)
+                await self.app(scope, receive, request.send)
                 app_failed = False
+            except _CommitFailed:
+                pass  # the real error is raised below, outside this handler
             except BaseException as exc:
-                if holder.error is None:
-                    if is_concurrent_use(exc):
-                        holder.poisoned = True
-                        where = f"{scope.get('method')} {scope.get('path')}"
-                        raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
-                    if isinstance(exc, PoolTimeout) and not holder.started:
-                        await self._busy(scope, send)
+                if not (request.error is not None and _only_commit_failed(exc)):
+                    if await request.answered(exc):
                         return
-                    self._redacted(exc)
                     raise
-            if holder.error is not None:
-                # Raised outside the except block, so the framework logs the real
-                # error and sends its 500 (the start message never went out).
-                raise holder.error
+            if request.error is not None:
+                # Raised here, so the framework logs the database error itself and
+                # sends its 500 (the start message never went out).
+                raise request.error
         finally:
             var.reset(token)
-            session = holder.close()
+            session = request.holder.empty()
             if session is not None:
-                await self._finish(session, holder, scope, app_failed=app_failed)
+                await request.finish(session, app_failed=app_failed)
 
-    async def _start(self, holder: Holder[Any], scope: Scope, message: Message, send: Send) -> None:
+    def decide(self, scope: Scope, status: int, holder: Holder) -> bool | None:
+        """At the response start: commit (True), roll back (False), or wait for the end (None)."""
+        if holder.rollback_only:
+            return False
+        policy: Policy | None = getattr(scope.get("endpoint"), POLICY_ATTRIBUTE, None)
+        if policy is not None:
+            if policy.read_only:
+                # Nothing to make durable: don't hold the status for a round-trip.
+                return None
+            if policy.commit_on is not None:
+                return policy.commit_on(status)
+        if self.commit_on is None:
+            return False
+        return self.commit_on(status)
+
+    def commits_after_start(self, scope: Scope) -> bool:
+        """Whether work done after the response started may be committed at the end."""
+        if self.commit_on is None:
+            return False
+        policy: Policy | None = getattr(scope.get("endpoint"), POLICY_ATTRIBUTE, None)
+        return policy is None or not policy.read_only
+
+    def redact_in_place(self, exc: BaseException) -> BaseException:
+        """Strip SQL text and values from a database error (unless ``redact_errors=False``)."""
+        return redact(exc) if self.redact_errors else exc
+
+    def _dispose_at_shutdown(self, send: Send) -> Send:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                binding = self.db._binding
+                if binding.owns_engine:
+                    try:
+                        await self.db._flavour.dispose(binding.engine)
+                    except Exception:
+                        logger.error(
+                            "Disposing of the database engine at shutdown failed.", exc_info=True
+                        )
+            await send(message)
+
+        return send_wrapper
+
+
+class _Request:
+    """One HTTP request's transaction, from its first ``db.session`` to its close.
+
+    The middleware stays a dispatcher; everything that belongs to one request lives
+    here (as Starlette's ``GZipMiddleware`` hands each request to a responder).
+    """
+
+    # The start message went out; the commit at the start failed (and what it raised);
+    # two tasks used the session at once, so its connection may still be busy.
+    started = False
+    error: BaseException | None = None
+    poisoned = False
+
+    def __init__(self, middleware: DBSessionMiddleware, scope: Scope, send: Send) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self._send = send
+        self.holder = Holder()
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain function handing back send()'s awaitable: requests that never touch
+        # the database pay no extra coroutine per message.
+        if self.error is not None:
+            raise _CommitFailed  # the start was replaced by an error; nothing may follow
+        if message["type"] == "http.response.start":
+            if self.holder.session is not None:
+                return self._start(message)
+            self.started = True
+        return self._send(message)
+
+    async def _start(self, message: Message) -> None:
         """Settle the transaction, then forward the start message."""
-        session = holder.session
-        if session is not None and session.in_transaction():
+        session = self.holder.session
+        if session.in_transaction():
+            middleware = self.middleware
             # Don't send the status until the data it reports is settled.
             try:
-                commit = self._decide(scope, message["status"], holder)
+                commit = middleware.decide(self.scope, message["status"], self.holder)
                 if commit is False and logger.isEnabledFor(logging.DEBUG):
-                    self._log_discarded(session, scope, message["status"])
+                    self._log_discarded(session, message["status"])
                 if commit is not None:
                     # Cancelled already? Then don't start: the finally rolls back.
                     await anyio.lowlevel.checkpoint_if_cancelled()
                     # A COMMIT once sent must finish, so its status tells the truth;
                     # a cancellation that arrives meanwhile is delivered afterwards.
                     with anyio.CancelScope(shield=True):
-                        await self.db._lifecycle.settle(session, commit)
+                        await middleware.db._flavour.settle(session, commit)
             except Exception as exc:
-                holder.error = self._redacted(exc)
+                self.error = middleware.redact_in_place(exc)
                 raise _CommitFailed from exc
-        holder.started = True
-        await send(message)
+        self.started = True
+        await self._send(message)
 
-    async def _finish(
-        self, session: Any, holder: Holder[Any], scope: Scope, *, app_failed: bool
-    ) -> None:
+    async def answered(self, exc: BaseException) -> bool:
+        """Deal with an exception escaping the app: True if a response was sent instead.
+
+        Raises a clearer error in place of ``exc`` where there is one to give.
+        """
+        if is_concurrent_use(exc):
+            self.poisoned = True
+            scope = self.scope
+            where = f"{scope.get('method')} {scope.get('path')}"
+            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
+        if isinstance(exc, PoolTimeout) and not self.started:
+            await self._answer_503()
+            return True
+        self.middleware.redact_in_place(exc)
+        return False
+
+    async def finish(self, session: Any, *, app_failed: bool) -> None:
         """Settle what is left, close (shielded from cancellation), then run the hooks."""
-        commit = holder.started and not app_failed and not holder.rollback_only
-        with anyio.CancelScope(shield=True):
-            await self._end(session, scope, commit=commit, discard=holder.poisoned)
-        hooks = take_ready(self.db._sync_session(session))
+        middleware = self.middleware
+        commit = (
+            self.started
+            and not app_failed
+            and not self.holder.rollback_only
+            and middleware.commits_after_start(self.scope)
+        )
+        flavour = middleware.db._flavour
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._close(session, commit=commit)
+        finally:
+            hooks = take_ready(flavour.sync_session(session))
         if hooks:
-            await run_hooks(hooks, f"{scope.get('method')} {scope.get('path')}")
+            await run_hooks(hooks, self._where())
 
-    def _decide(self, scope: Scope, status: int, holder: Holder[Any]) -> bool | None:
-        """Commit (True), roll back now (False), or leave it to the end (None)."""
-        if holder.rollback_only:
-            return False
-        policy: Policy | None = getattr(scope.get("endpoint"), POLICY_ATTRIBUTE, None)
-        if policy is None:
-            return self.commit_on(status)
-        if policy.commit_on is not None:
-            return policy.commit_on(status)
-        # Read-only: nothing to make durable, so don't hold the status for a round-trip.
-        holder.rollback_only = True
-        return None
-
-    def _redacted(self, exc: BaseException) -> BaseException:
-        return redact(exc) if self.redact_errors else exc
-
-    async def _busy(self, scope: Scope, send: Send) -> None:
-        """Answer 503 for a request that found no free connection within ``pool_timeout``."""
-        logger.warning(
-            "No database connection was free within pool_timeout for %s %s; answered 503. "
-            "Raise pool_size/max_overflow, or shorten slow transactions.",
-            scope.get("method"),
-            scope.get("path"),
-        )
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": b"Service Unavailable"})
-
-    def _log_discarded(self, session: Any, scope: Scope, status: int) -> None:
-        logger.debug(
-            "Rolled back %s %s (status %s), discarding: %s.",
-            scope.get("method"),
-            scope.get("path"),
-            status,
-            describe_discarded(self.db._sync_session(session)),
-        )
-
-    async def _end(self, session: Any, scope: Scope, *, commit: bool, discard: bool) -> None:
+    async def _close(self, session: Any, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session.
 
         A session two tasks used at once is discarded instead: another task may still
         be mid-statement on its connection, which must not go back to the pool.
         """
-        lifecycle = self.db._lifecycle
-        end = lifecycle.discard if discard else functools.partial(lifecycle.end, commit=commit)
+        flavour = self.middleware.db._flavour
         try:
-            for delay in _BUSY_RETRY_DELAYS:
+            for delay in (*_CONCURRENT_USE_RETRY_DELAYS, None):
                 try:
-                    await end(session)
+                    await flavour.finish(session, commit=commit, discard_connection=self.poisoned)
                     return
                 except Exception as exc:
                     # A task the request spawned may still be using the session: give it a
                     # moment to finish rather than leave the connection checked out.
-                    if not is_concurrent_use(exc):
+                    if delay is None or not is_concurrent_use(exc):
                         raise
                     await anyio.sleep(delay)
-            await end(session)
         except Exception as error:
             # The status is already on the wire; all that is left is to say so.
             if commit:
                 message = (
-                    "Could not commit the database work done after the response to %s %s "
+                    "Could not commit the database work done after the response to %s "
                     "had started (streaming body or background task); it was rolled back."
                 )
             else:
-                message = "Closing the database session of %s %s failed."
-            self._redacted(error)
-            logger.error(message, scope.get("method"), scope.get("path"), exc_info=True)
+                message = "Closing the database session of %s failed."
+            self.middleware.redact_in_place(error)
+            logger.error(message, self._where(), exc_info=True)
 
-    def _dispose_at_shutdown(self, send: Send) -> Send:
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                try:
-                    await self.db._lifecycle.dispose()
-                except Exception:
-                    logger.error(
-                        "Disposing of the database engine at shutdown failed.", exc_info=True
-                    )
-            await send(message)
+    async def _answer_503(self) -> None:
+        """Answer 503 for a request that found no free connection within ``pool_timeout``."""
+        logger.warning(
+            "No database connection was free within pool_timeout for %s; answered 503. "
+            "Raise pool_size/max_overflow, or shorten slow transactions.",
+            self._where(),
+        )
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
+        await self._send({"type": "http.response.start", "status": 503, "headers": headers})
+        await self._send({"type": "http.response.body", "body": b"Service Unavailable"})
 
-        return send_wrapper
+    def _log_discarded(self, session: Any, status: int) -> None:
+        sync_session = self.middleware.db._flavour.sync_session(session)
+        logger.debug(
+            "Rolled back %s (status %s), discarding: %s.",
+            self._where(),
+            status,
+            describe_discarded(sync_session),
+        )
+
+    def _where(self) -> str:
+        return f"{self.scope.get('method')} {self.scope.get('path')}"

@@ -51,7 +51,7 @@ BLOCKING_USE = (
     "A sync Database.session was used on the event loop thread, inside 'async def' code. "
     "Its queries block the event loop, and every other request waits for them. "
     "Make the route a plain 'def' (FastAPI runs it in a worker thread) or use AsyncDatabase. "
-    "Database(..., on_event_loop='ignore') silences this; 'raise' makes it an error."
+    "Database(..., blocking_check='ignore') silences this; 'raise' makes it an error."
 )
 
 INSTALLED_TWICE = (

@@ -79,7 +79,7 @@ async def make_database(
         if flavour == "sync":
             # The tests drive sync sessions from async test code on purpose; the
             # blocking-use diagnostic has tests of its own.
-            db = Database(url, **{"on_event_loop": "ignore", **kwargs})
+            db = Database(url, **{"blocking_check": "ignore", **kwargs})
         else:
             db = AsyncDatabase(url, **kwargs)
         engine = db.engine if isinstance(db, Database) else db.engine.sync_engine

@@ -150,7 +150,7 @@ async def test_sync_session_on_the_event_loop_warns_once_per_call_site(
 
 
 async def test_sync_session_on_the_event_loop_can_raise(tmp_path: Path, client: Client) -> None:
-    db = sqlite_database(Database, tmp_path / "r.db", on_event_loop="raise")
+    db = sqlite_database(Database, tmp_path / "r.db", blocking_check="raise")
     app = make_app(db)
 
     @app.get("/blocking")
@@ -164,7 +164,7 @@ async def test_sync_session_on_the_event_loop_can_raise(tmp_path: Path, client: 
 
 
 async def test_sync_session_in_a_def_route_does_not_warn(tmp_path: Path, client: Client) -> None:
-    db = sqlite_database(Database, tmp_path / "ok.db", on_event_loop="raise")
+    db = sqlite_database(Database, tmp_path / "ok.db", blocking_check="raise")
     app = make_app(db)
     route(app, db, "/items", add_item, status_code=201)
 
@@ -173,7 +173,7 @@ async def test_sync_session_in_a_def_route_does_not_warn(tmp_path: Path, client:
 
 def test_on_event_loop_must_be_a_known_value() -> None:
     with pytest.raises(ValueError, match="'warn', 'raise' or 'ignore'"):
-        Database("sqlite://", on_event_loop="sometimes")  # type: ignore[arg-type]
+        Database("sqlite://", blocking_check="sometimes")  # type: ignore[arg-type]
 
 
 async def test_middleware_installed_twice_says_so_and_still_works_once(

@@ -73,7 +73,7 @@ async def test_override_with_an_engine_leaves_that_engine_to_its_owner(tmp_path:
 async def test_override_of_a_sync_database_in_async_with(tmp_path: Path, client: Client) -> None:
     path = tmp_path / "override.db"
     Base.metadata.create_all(create_engine(f"sqlite:///{path}"))
-    db = Database(f"sqlite:///{tmp_path}/real.db", on_event_loop="ignore")
+    db = Database(f"sqlite:///{tmp_path}/real.db", blocking_check="ignore")
     app = make_app(db)
     route(app, db, "/items", add_item, status_code=201)
 
