@@ -12,6 +12,7 @@ import anyio.lowlevel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import _policy, _retry
 from ._context import Holder
 from ._database import AsyncDatabase, Database
 from ._diagnostics import describe_discarded, is_concurrent_use, redact
@@ -19,6 +20,7 @@ from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
+from ._retry import Conflict
 from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 
 logger = logging.getLogger("middleware_sessions")
@@ -78,6 +80,13 @@ class DBSessionMiddleware:
     ``Retry-After``. Database errors leaving the app are stripped of SQL text and
     values (``redact_errors=False`` keeps them whole). Websocket and lifespan traffic
     pass through; an engine the database created is disposed at lifespan shutdown.
+
+    ``retries=N`` runs a request again, whole, up to N times when its transaction
+    fails with a serialization failure or a deadlock before any of its response was
+    forwarded (``@transaction_policy(retries=...)`` overrides it per route). The body
+    is kept for that up to ``retry_body_limit`` bytes; between attempts the wait is
+    random, up to ``retry_backoff_base * 2 ** (retry - 1)`` seconds and at most
+    ``retry_backoff_cap``. When the retries run out, the answer is 503 with ``Retry-After``.
     """
 
     def __init__(
@@ -87,6 +96,10 @@ class DBSessionMiddleware:
         db: Database[Any] | AsyncDatabase[Any],
         commit_on: Callable[[int], bool] | None = _commit_below_400,
         redact_errors: bool = True,
+        retries: int = 0,
+        retry_body_limit: int = _retry.DEFAULT_BODY_LIMIT,
+        retry_backoff_base: float = _retry.DEFAULT_BACKOFF_BASE,
+        retry_backoff_cap: float = _retry.DEFAULT_BACKOFF_CAP,
     ) -> None:
         if not isinstance(db, (Database, AsyncDatabase)):
             raise TypeError(
@@ -103,6 +116,10 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
+        self.retrying = _retry.Settings(
+            retries, retry_body_limit, retry_backoff_base, retry_backoff_cap
+        )
+        self.retries = retries
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -115,21 +132,36 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request = _Request(self, scope, send)
+        if self.retries or _policy.any_route_retries:
+            await self._run_retrying(scope, receive, send)
+            return
+        await self._run(_Request(self, scope, send), receive)
+
+    async def _run(self, request: _Request, receive: Receive) -> None:
+        """One attempt at the request: the app, on a session of its own."""
         var = self.db._var
         token = var.set(request.holder)
         app_failed = True
         try:
             try:
-                await self.app(scope, receive, request.send)
+                await self.app(request.scope, receive, request.send)
                 app_failed = False
             except _CommitFailed:
                 pass  # the real error is raised below, outside this handler
+            except Conflict:
+                raise
             except BaseException as exc:
-                if not (request.error is not None and _only_commit_failed(exc)):
+                if request.conflict is None:
+                    request.conflict = request.retryable(exc)
+                if request.conflict is None and not (
+                    request.error is not None and _only_commit_failed(exc)
+                ):
                     if await request.answered(exc):
                         return
                     raise
+            if request.conflict is not None:
+                # Also when the app swallowed the Conflict or a task group wrapped it.
+                raise Conflict(request.conflict)
             if request.error is not None:
                 # Raised here, so the framework logs the database error itself and
                 # sends its 500 (the start message never went out).
@@ -139,6 +171,42 @@ class DBSessionMiddleware:
             session = request.holder.empty()
             if session is not None:
                 await request.finish(session, app_failed=app_failed)
+
+    async def _run_retrying(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request, and again after a conflict, while nothing of it was forwarded.
+
+        Each attempt starts from the scope as it came in (routing writes into it) and
+        gets a fresh session and the body from its first byte. A failed attempt leaves
+        nothing: its transaction was rolled back, its start message never forwarded,
+        and its background tasks never ran (they follow the response).
+        """
+        settings = self.retrying
+        _retry.watch(self.db.engine, self.db._var)
+        body = _retry.Body(
+            receive,
+            settings.body_limit,
+            wanted=lambda: _retry.retries_for(scope, settings.retries) > 0,
+        )
+        pristine = _retry.Pristine(scope)
+        attempt = 1
+        while True:
+            request = _Request(self, scope, send, retry_default=settings.retries)
+            try:
+                await self._run(request, body.receive())
+                return
+            except Conflict as conflict:
+                sqlstate = conflict.sqlstate
+            # The route's policy is known now: routing ran in the attempt.
+            retries = _retry.retries_for(scope, settings.retries)
+            if attempt > retries or body.problem is not None:
+                _retry.log_gave_up(scope, attempt, sqlstate, body.problem)
+                await _retry.send_unavailable(send)
+                return
+            delay = settings.delay(attempt)
+            attempt += 1
+            _retry.log_retry(scope, attempt, sqlstate, delay)
+            await anyio.sleep(delay)
+            pristine.restore()
 
     def decide(self, scope: Scope, status: int, holder: Holder) -> bool | None:
         """At the response start: commit (True), roll back (False), or wait for the end (None)."""
@@ -194,16 +262,30 @@ class _Request:
     started = False
     error: BaseException | None = None
     poisoned = False
+    # This attempt failed with a serialization failure or deadlock (its SQLSTATE) and
+    # is to be run again: nothing of it was forwarded, nothing may be.
+    conflict: str | None = None
 
-    def __init__(self, middleware: DBSessionMiddleware, scope: Scope, send: Send) -> None:
+    def __init__(
+        self,
+        middleware: DBSessionMiddleware,
+        scope: Scope,
+        send: Send,
+        *,
+        retry_default: int | None = None,
+    ) -> None:
         self.middleware = middleware
         self.scope = scope
         self._send = send
         self.holder = Holder()
+        # None: this request is never run again, so don't even look for conflicts.
+        self._retry_default = retry_default
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
         # the database pay no extra coroutine per message.
+        if self.conflict is not None:
+            raise Conflict(self.conflict)  # this attempt is over; nothing may go out
         if self.error is not None:
             raise _CommitFailed  # the start was replaced by an error; nothing may follow
         if message["type"] == "http.response.start":
@@ -220,6 +302,9 @@ class _Request:
             # Don't send the status until the data it reports is settled.
             try:
                 commit = middleware.decide(self.scope, message["status"], self.holder)
+                if commit is not True and self.holder.conflict is not None:
+                    # The app made a response of a statement's conflict: run it again.
+                    await self._retry_instead(self.retryable(None))
                 if commit is False and logger.isEnabledFor(logging.DEBUG):
                     self._log_discarded(session, message["status"])
                 if commit is not None:
@@ -230,10 +315,34 @@ class _Request:
                     with anyio.CancelScope(shield=True):
                         await middleware.db._flavour.settle(session, commit)
             except Exception as exc:
+                # The COMMIT lost a serialization race? It was rolled back: run it again.
+                await self._retry_instead(self.retryable(exc))
                 self.error = middleware.redact_in_place(exc)
                 raise _CommitFailed from exc
         self.started = True
         await self._send(message)
+
+    def retryable(self, exc: BaseException | None) -> str | None:
+        """The SQLSTATE if this attempt failed with a conflict and may be run again."""
+        if self._retry_default is None or self.started:
+            return None
+        if exc is not None and not isinstance(exc, Exception):
+            return None  # a cancellation or a disconnect is never run again
+        sqlstate = _retry.conflict_of(exc) or self.holder.conflict
+        if sqlstate is None or _retry.retries_for(self.scope, self._retry_default) == 0:
+            return None
+        return sqlstate
+
+    async def _retry_instead(self, sqlstate: str | None) -> None:
+        """Roll back and leave the app, the start message unsent, to be run again."""
+        if sqlstate is None:
+            return
+        session = self.holder.session
+        if session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await self.middleware.db._flavour.settle(session, False)
+        self.conflict = sqlstate
+        raise Conflict(sqlstate)
 
     async def answered(self, exc: BaseException) -> bool:
         """Deal with an exception escaping the app: True if a response was sent instead.
@@ -306,9 +415,7 @@ class _Request:
             "Raise pool_size/max_overflow, or shorten slow transactions.",
             self._where(),
         )
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
-        await self._send({"type": "http.response.start", "status": 503, "headers": headers})
-        await self._send({"type": "http.response.body", "body": b"Service Unavailable"})
+        await _retry.send_unavailable(self._send)
 
     def _log_discarded(self, session: Any, status: int) -> None:
         sync_session = self.middleware.db._flavour.sync_session(session)

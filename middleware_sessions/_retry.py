@@ -19,7 +19,7 @@ import functools
 import logging
 import random
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -151,8 +151,9 @@ def retries_for(scope: Scope, default: int) -> int:
 _WATCHED: weakref.WeakKeyDictionary[Engine, set[ContextVar[Any]]] = weakref.WeakKeyDictionary()
 
 
-def watch(engine: Engine, var: ContextVar[Any]) -> None:
+def watch(engine: Any, var: ContextVar[Any]) -> None:
     """Note retryable failures of ``engine``'s statements on the holder ``var`` points at."""
+    engine = getattr(engine, "sync_engine", engine)  # an AsyncEngine's events live there
     watched = _WATCHED.get(engine)
     if watched is None:
         watched = _WATCHED[engine] = set()
@@ -182,9 +183,12 @@ class Body:
     kept any more and :attr:`problem` says why the request cannot run again.
     """
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, limit: int, wanted: Callable[[], bool]) -> None:
         self._receive = receive
         self._limit = limit
+        # Asked at the first read, when routing has found the route: a request that
+        # will never run again (its route says retries=0) keeps nothing.
+        self._wanted: Callable[[], bool] | None = wanted
         self._messages: list[Message] = []
         self._size = 0
         self.problem: str | None = None
@@ -203,6 +207,10 @@ class Body:
 
     async def _read(self) -> Message:
         message = await self._receive()
+        if self._wanted is not None:
+            if not self._wanted():
+                self.problem = "its route does not retry"
+            self._wanted = None
         if self.problem is None:
             if message["type"] == "http.request":
                 self._size += len(message.get("body", b""))
@@ -216,6 +224,29 @@ class Body:
         return message
 
 
+class Pristine:
+    """The scope as it came in: each attempt starts from it (routing writes into it).
+
+    Restored in place, so middleware further out that reads the scope after the
+    request (the matched route, say) sees what the last attempt left there.
+    """
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+        self._items = dict(scope)
+        state = scope.get("state")
+        self._state = dict(state) if isinstance(state, dict) else None
+
+    def restore(self) -> None:
+        scope = self._scope
+        scope.clear()
+        scope.update(self._items)
+        if self._state is not None:
+            state = scope["state"]
+            state.clear()
+            state.update(self._state)
+
+
 # --- Telling what happened ---------------------------------------------------------------
 
 
@@ -226,7 +257,7 @@ def where(scope: Scope) -> str:
 def log_retry(scope: Scope, attempt: int, sqlstate: str, delay: float) -> None:
     """One line per retry: method, path, the attempt about to run and the SQLSTATE."""
     logger.info(
-        "Running %s again (attempt %d) after %s; waited %.3f s.",
+        "Running %s again (attempt %d) after %s, in %.3f s.",
         where(scope),
         attempt,
         describe(sqlstate),

@@ -77,7 +77,7 @@ async def make_db(
     def make(engine_options: dict[str, Any] | None = SERIALIZABLE) -> AnyDatabase:
         db: AnyDatabase
         if flavour == "sync":
-            db = Database(sync_url, engine_options=engine_options, on_event_loop="ignore")
+            db = Database(sync_url, engine_options=engine_options, blocking_check="ignore")
         else:
             url = postgres_server.url("asyncpg", database=name)
             db = AsyncDatabase(url, engine_options=engine_options)
@@ -251,7 +251,7 @@ def table(db: AnyDatabase) -> Callable[[], dict[str, Any]]:
         engine = create_engine(url)
         try:
             with engine.connect() as conn:
-                counters = dict(conn.execute(select(Counter.id, Counter.value)).tuples().all())
+                counters = {row.id: row.value for row in conn.execute(select(Counter.id, Counter.value))}
                 notes = sorted(conn.scalars(select(Note.text)))
                 return {"counters": counters, "notes": notes}
         finally:
@@ -696,3 +696,18 @@ async def test_a_route_policy_of_0_retries_wins_over_the_middleware(
 
     assert (await client(app).post("/notes")).status_code == 500
     assert attempts.count == 1
+
+
+async def test_a_route_in_a_mounted_app_is_routed_afresh_on_each_attempt(
+    make_db: Callable[..., AnyDatabase], client: Client
+) -> None:
+    """Routing writes into the scope (a mount extends root_path); each attempt starts clean."""
+    db = make_db()
+    app = app_for(db, retries=3)
+    inner = FastAPI()
+    route(inner, db, "/notes", Attempts(failing=2).run)
+    app.mount("/api", inner)
+
+    response = await client(app).post("/api/notes")
+
+    assert (response.status_code, response.json()) == (200, {"attempt": 3})

@@ -105,7 +105,7 @@ async def read_all(receive: Any) -> bytes:
 
 
 async def test_each_attempt_reads_the_body_from_its_first_byte() -> None:
-    body = Body(Server(b"ab", b"cd", b"ef").receive, limit=100)
+    body = Body(Server(b"ab", b"cd", b"ef").receive, limit=100, wanted=lambda: True)
 
     assert [await read_all(body.receive()) for _ in range(3)] == [b"abcdef"] * 3
     assert body.problem is None
@@ -113,7 +113,7 @@ async def test_each_attempt_reads_the_body_from_its_first_byte() -> None:
 
 async def test_a_later_attempt_reads_what_an_earlier_one_left_unread() -> None:
     server = Server(b"ab", b"cd", b"ef")
-    body = Body(server.receive, limit=100)
+    body = Body(server.receive, limit=100, wanted=lambda: True)
     first = body.receive()
     await first()  # the first attempt reads one chunk only
 
@@ -123,7 +123,7 @@ async def test_a_later_attempt_reads_what_an_earlier_one_left_unread() -> None:
 
 
 async def test_after_the_body_the_attempt_hears_the_client_disconnect() -> None:
-    body = Body(Server(b"ab").receive, limit=100)
+    body = Body(Server(b"ab").receive, limit=100, wanted=lambda: True)
     await read_all(body.receive())
     receive = body.receive()
     await receive()
@@ -133,7 +133,7 @@ async def test_after_the_body_the_attempt_hears_the_client_disconnect() -> None:
 
 
 async def test_a_body_over_the_limit_is_passed_on_but_not_kept() -> None:
-    body = Body(Server(b"abc", b"def").receive, limit=5)
+    body = Body(Server(b"abc", b"def").receive, limit=5, wanted=lambda: True)
 
     assert await read_all(body.receive()) == b"abcdef"
     assert body.problem == "its body is larger than retry_body_limit (5 bytes)"
