@@ -16,8 +16,8 @@ from . import _policy, _retry
 from ._context import Holder
 from ._database import AsyncDatabase, Database
 from ._diagnostics import describe_discarded, is_concurrent_use, redact
+from ._hooks import COMMITTED, take_ready
 from ._hooks import run_async as run_hooks
-from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
 from ._retry import Conflict
@@ -116,10 +116,10 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
-        self.retrying = _retry.Settings(
+        self.retries = retries
+        self._retry_settings = _retry.Settings(
             retries, retry_body_limit, retry_backoff_base, retry_backoff_cap
         )
-        self.retries = retries
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -180,7 +180,7 @@ class DBSessionMiddleware:
         nothing: its transaction was rolled back, its start message never forwarded,
         and its background tasks never ran (they follow the response).
         """
-        settings = self.retrying
+        settings = self._retry_settings
         _retry.watch(self.db.engine, self.db._var)
         body = _retry.Body(
             receive,
@@ -330,6 +330,12 @@ class _Request:
             return None  # a cancellation or a disconnect is never run again
         sqlstate = _retry.conflict_of(exc) or self.holder.conflict
         if sqlstate is None or _retry.retries_for(self.scope, self._retry_default) == 0:
+            return None
+        session = self.holder.session
+        flavour = self.middleware.db._flavour
+        if session is not None and flavour.sync_session(session).info.get(COMMITTED):
+            # Running it again would repeat work that is already durable.
+            _retry.log_committed_already(self.scope, sqlstate)
             return None
         return sqlstate
 

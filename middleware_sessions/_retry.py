@@ -209,7 +209,12 @@ class Body:
         message = await self._receive()
         if self._wanted is not None:
             if not self._wanted():
-                self.problem = "its route does not retry"
+                # Its route does not retry; or the body was read before routing, when
+                # only the middleware's retries were known.
+                self.problem = (
+                    "its body was read before its route was known, and the middleware's "
+                    "retries=0 kept none of it (set retries= on the middleware)"
+                )
             self._wanted = None
         if self.problem is None:
             if message["type"] == "http.request":
@@ -284,6 +289,15 @@ def log_gave_up(scope: Scope, attempts: int, sqlstate: str, reason: str | None) 
             describe(sqlstate),
             reason,
         )
+
+
+def log_committed_already(scope: Scope, sqlstate: str) -> None:
+    logger.warning(
+        "%s failed with %s and was not run again: it had already committed work of its "
+        "own (db.session.commit()), which running it again would repeat.",
+        where(scope),
+        describe(sqlstate),
+    )
 
 
 async def send_unavailable(send: Send) -> None:

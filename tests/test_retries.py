@@ -251,7 +251,9 @@ def table(db: AnyDatabase) -> Callable[[], dict[str, Any]]:
         engine = create_engine(url)
         try:
             with engine.connect() as conn:
-                counters = {row.id: row.value for row in conn.execute(select(Counter.id, Counter.value))}
+                counters = {
+                    row.id: row.value for row in conn.execute(select(Counter.id, Counter.value))
+                }
                 notes = sorted(conn.scalars(select(Note.text)))
                 return {"counters": counters, "notes": notes}
         finally:
@@ -711,3 +713,28 @@ async def test_a_route_in_a_mounted_app_is_routed_afresh_on_each_attempt(
     response = await client(app).post("/api/notes")
 
     assert (response.status_code, response.json()) == (200, {"attempt": 3})
+
+
+async def test_a_route_that_committed_work_itself_is_not_run_again(
+    make_db: Callable[..., AnyDatabase], client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Running it again would repeat work that is already durable: the old 500 instead."""
+    db = make_db()
+    app = app_for(db, retries=3)
+    attempts = Attempts(failing=99)
+
+    def commit_then_conflict(session: Session) -> Any:
+        session.add(Note(text="committed by the route"))
+        session.commit()
+        return attempts.run(session)
+
+    route(app, db, "/notes", commit_then_conflict)
+
+    with caplog.at_level(logging.INFO, logger="middleware_sessions"):
+        response = await client(app).post("/notes")
+
+    assert response.status_code == 500
+    assert attempts.count == 1
+    assert table(db)()["notes"] == ["committed by the route"]
+    [warning] = warnings_of(caplog)
+    assert "already committed" in warning

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.types import Message
 
-from middleware_sessions import AsyncDatabase, DBSessionMiddleware, transaction_policy
+from middleware_sessions import AsyncDatabase, DBSessionMiddleware, _policy, transaction_policy
 from middleware_sessions._retry import Body, Settings, conflict_of
 
 if sys.version_info < (3, 11):
@@ -174,3 +174,32 @@ def test_bad_retry_options_are_refused_with_a_clear_error(
 def test_a_route_policy_refuses_bad_retries(retries: Any, error: type[Exception]) -> None:
     with pytest.raises(error, match="transaction_policy\\(\\)'s retries"):
         transaction_policy(retries=retries)
+
+
+# --- what a request that is never retried pays ---------------------------------------------
+
+
+@pytest.mark.parametrize(("retries", "untouched"), [(0, True), (1, False)])
+async def test_without_retries_the_app_gets_the_servers_receive_untouched(
+    monkeypatch: pytest.MonkeyPatch, retries: int, untouched: bool
+) -> None:
+    """No body kept, no wrapper: the request takes the path it took before retries existed."""
+    monkeypatch.setattr(_policy, "any_route_retries", False)
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(receive)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    db = AsyncDatabase("sqlite+aiosqlite://")
+    middleware = DBSessionMiddleware(app, db=db, retries=retries)
+    await middleware({"type": "http", "method": "POST", "path": "/"}, receive, send)
+
+    assert (seen == [receive]) is untouched
