@@ -135,16 +135,17 @@ class DBSessionMiddleware:
         if self.retries or _policy.any_route_retries:
             await self._run_retrying(scope, receive, send)
             return
-        await self._run(_Request(self, scope, send), receive)
+        request = _Request(self, scope, send)
+        await self._run(request, receive, request.send)
 
-    async def _run(self, request: _Request, receive: Receive) -> None:
+    async def _run(self, request: _Request, receive: Receive, send: Send) -> None:
         """One attempt at the request: the app, on a session of its own."""
         var = self.db._var
         token = var.set(request.holder)
         app_failed = True
         try:
             try:
-                await self.app(request.scope, receive, request.send)
+                await self.app(request.scope, receive, send)
                 app_failed = False
             except _CommitFailed:
                 pass  # the real error is raised below, outside this handler
@@ -192,7 +193,7 @@ class DBSessionMiddleware:
         while True:
             request = _Request(self, scope, send, retry_default=settings.retries)
             try:
-                await self._run(request, body.receive())
+                await self._run(request, body.receive(), request.send_attempt)
                 return
             except Conflict as conflict:
                 sqlstate = conflict.sqlstate
@@ -281,11 +282,15 @@ class _Request:
         # None: this request is never run again, so don't even look for conflicts.
         self._retry_default = retry_default
 
+    def send_attempt(self, message: Message) -> Awaitable[None]:
+        """``send`` for a request that may run again: once an attempt is over, nothing goes out."""
+        if self.conflict is not None:
+            raise Conflict(self.conflict)
+        return self.send(message)
+
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
         # the database pay no extra coroutine per message.
-        if self.conflict is not None:
-            raise Conflict(self.conflict)  # this attempt is over; nothing may go out
         if self.error is not None:
             raise _CommitFailed  # the start was replaced by an error; nothing may follow
         if message["type"] == "http.response.start":
