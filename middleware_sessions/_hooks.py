@@ -26,8 +26,6 @@ Outcome = Literal["commit", "rollback"]
 
 _PENDING = "middleware_sessions.pending_hooks"
 _READY = "middleware_sessions.ready_hooks"
-# Set once the session committed a transaction of its own: its request cannot start over.
-COMMITTED = "middleware_sessions.committed"
 
 
 def install(session_class: type[Session]) -> None:
@@ -58,7 +56,6 @@ def take_ready(session: Session) -> list[Hook]:
 def _after_commit(session: Session) -> None:
     if session.in_nested_transaction():
         return  # a savepoint was released; the outer transaction goes on
-    session.info[COMMITTED] = True
     _resolve(session, "commit")
 
 

@@ -16,8 +16,8 @@ from . import _policy, _retry
 from ._context import Holder
 from ._database import AsyncDatabase, Database
 from ._diagnostics import describe_discarded, is_concurrent_use, redact
-from ._hooks import COMMITTED, take_ready
 from ._hooks import run_async as run_hooks
+from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
 from ._retry import Conflict
@@ -191,12 +191,15 @@ class DBSessionMiddleware:
         pristine = _retry.Pristine(scope)
         attempt = 1
         while True:
-            request = _Request(self, scope, send, retry_default=settings.retries)
+            request = _Attempt(self, scope, send, settings.retries)
+            token = _retry.CURRENT.set(request.marker)
             try:
                 await self._run(request, body.receive(), request.send_attempt)
                 return
             except Conflict as conflict:
                 sqlstate = conflict.sqlstate
+            finally:
+                _retry.CURRENT.reset(token)
             # The route's policy is known now: routing ran in the attempt.
             retries = _retry.retries_for(scope, settings.retries)
             if attempt > retries or body.problem is not None:
@@ -267,26 +270,11 @@ class _Request:
     # is to be run again: nothing of it was forwarded, nothing may be.
     conflict: str | None = None
 
-    def __init__(
-        self,
-        middleware: DBSessionMiddleware,
-        scope: Scope,
-        send: Send,
-        *,
-        retry_default: int | None = None,
-    ) -> None:
+    def __init__(self, middleware: DBSessionMiddleware, scope: Scope, send: Send) -> None:
         self.middleware = middleware
         self.scope = scope
         self._send = send
         self.holder = Holder()
-        # None: this request is never run again, so don't even look for conflicts.
-        self._retry_default = retry_default
-
-    def send_attempt(self, message: Message) -> Awaitable[None]:
-        """``send`` for a request that may run again: once an attempt is over, nothing goes out."""
-        if self.conflict is not None:
-            raise Conflict(self.conflict)
-        return self.send(message)
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
@@ -324,25 +312,15 @@ class _Request:
                 await self._retry_instead(self.retryable(exc))
                 self.error = middleware.redact_in_place(exc)
                 raise _CommitFailed from exc
+        elif self.holder.conflict is not None:
+            # The app rolled back after a conflict and answered: run it again instead.
+            await self._retry_instead(self.retryable(None))
         self.started = True
         await self._send(message)
 
     def retryable(self, exc: BaseException | None) -> str | None:
-        """The SQLSTATE if this attempt failed with a conflict and may be run again."""
-        if self._retry_default is None or self.started:
-            return None
-        if exc is not None and not isinstance(exc, Exception):
-            return None  # a cancellation or a disconnect is never run again
-        sqlstate = _retry.conflict_of(exc) or self.holder.conflict
-        if sqlstate is None or _retry.retries_for(self.scope, self._retry_default) == 0:
-            return None
-        session = self.holder.session
-        flavour = self.middleware.db._flavour
-        if session is not None and flavour.sync_session(session).info.get(COMMITTED):
-            # Running it again would repeat work that is already durable.
-            _retry.log_committed_already(self.scope, sqlstate)
-            return None
-        return sqlstate
+        """The SQLSTATE if this request failed with a conflict and may run again: never here."""
+        return None
 
     async def _retry_instead(self, sqlstate: str | None) -> None:
         """Roll back and leave the app, the start message unsent, to be run again."""
@@ -439,3 +417,35 @@ class _Request:
 
     def _where(self) -> str:
         return f"{self.scope.get('method')} {self.scope.get('path')}"
+
+
+class _Attempt(_Request):
+    """One run of a request that may run again after a serialization failure or a deadlock."""
+
+    def __init__(
+        self, middleware: DBSessionMiddleware, scope: Scope, send: Send, retries: int
+    ) -> None:
+        super().__init__(middleware, scope, send)
+        self._retries = retries  # the middleware's; the route's policy may say otherwise
+        self.marker = _retry.Attempt()  # learns whether the attempt committed work itself
+
+    def send_attempt(self, message: Message) -> Awaitable[None]:
+        """``send`` for an attempt: once it is over (a conflict), nothing goes out."""
+        if self.conflict is not None:
+            raise Conflict(self.conflict)
+        return self.send(message)
+
+    def retryable(self, exc: BaseException | None) -> str | None:
+        """The SQLSTATE if this attempt failed with a conflict and may be run again."""
+        if self.started:
+            return None
+        if exc is not None and not isinstance(exc, Exception):
+            return None  # a cancellation or a disconnect is never run again
+        sqlstate = _retry.conflict_of(exc) or self.holder.conflict
+        if sqlstate is None or _retry.retries_for(self.scope, self._retries) == 0:
+            return None
+        if self.marker.committed:
+            # Running it again would repeat work that is already durable.
+            _retry.log_committed_already(self.scope, sqlstate)
+            return None
+        return sqlstate

@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.orm import Session
 from starlette.types import Message, Receive, Scope, Send
 
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
@@ -140,6 +141,31 @@ def retries_for(scope: Scope, default: int) -> int:
     return default if retries is None else retries
 
 
+# --- Work an attempt made durable itself ------------------------------------------------
+#
+# A request that committed something of its own (db.session.commit(), a session_scope(),
+# a session from db.sessionmaker()) cannot start over: running it again would repeat
+# that work. An ``after_commit`` listener on every ``Session`` marks the attempt running
+# in the current context; it is installed with the first request that may run again.
+
+
+class Attempt:
+    """One run of a request that may run again."""
+
+    committed = False
+
+
+CURRENT: ContextVar[Attempt | None] = ContextVar("middleware_sessions.attempt", default=None)
+_listening = False
+
+
+def _note_commit(session: Session) -> None:
+    if not session.in_nested_transaction():
+        attempt = CURRENT.get()
+        if attempt is not None:
+            attempt.committed = True
+
+
 # --- Failures the app turned into a response -----------------------------------------
 #
 # A route or an exception handler may catch the driver's error and answer 409 or 500:
@@ -152,7 +178,12 @@ _WATCHED: weakref.WeakKeyDictionary[Engine, set[ContextVar[Any]]] = weakref.Weak
 
 
 def watch(engine: Any, var: ContextVar[Any]) -> None:
-    """Note retryable failures of ``engine``'s statements on the holder ``var`` points at."""
+    """Note retryable failures of ``engine``'s statements on the holder ``var`` points at,
+    and commits on the attempt running (``CURRENT``)."""
+    global _listening
+    if not _listening:
+        event.listen(Session, "after_commit", _note_commit)
+        _listening = True
     engine = getattr(engine, "sync_engine", engine)  # an AsyncEngine's events live there
     watched = _WATCHED.get(engine)
     if watched is None:
@@ -294,7 +325,8 @@ def log_gave_up(scope: Scope, attempts: int, sqlstate: str, reason: str | None) 
 def log_committed_already(scope: Scope, sqlstate: str) -> None:
     logger.warning(
         "%s failed with %s and was not run again: it had already committed work of its "
-        "own (db.session.commit()), which running it again would repeat.",
+        "own (a commit() in the route, a session_scope(), ...), which running it again "
+        "would repeat.",
         where(scope),
         describe(sqlstate),
     )

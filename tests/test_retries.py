@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from sqlalchemy import String, create_engine, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import NullPool
 
 from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware, transaction_policy
 
@@ -129,16 +130,41 @@ def route(
     app.add_api_route(path, endpoint, methods=["POST"], status_code=status_code)
 
 
+def elsewhere(session: Session, work: Callable[[Session], object]) -> None:
+    """Run ``work`` and commit it as another client would: own thread, connection, context."""
+    url = session.get_bind().url.set(drivername="postgresql+psycopg")
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        engine = create_engine(url, isolation_level="SERIALIZABLE", poolclass=NullPool)
+        try:
+            with Session(engine) as other:
+                work(other)
+                other.commit()
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            engine.dispose()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert failures == []
+
+
+def bump_hot(session: Session) -> None:
+    session.execute(update(Counter).where(Counter.id == HOT).values(value=Counter.value + 1))
+
+
 def conflict(session: Session) -> None:
-    """Read the HOT row, let another transaction change it and commit, then write it.
+    """Read the HOT row, let another client change it and commit, then write it.
 
     Under SERIALIZABLE (or REPEATABLE READ) the write fails with SQLSTATE 40001.
     """
     value = session.scalar(select(Counter.value).where(Counter.id == HOT))
     assert value is not None
-    with Session(session.get_bind()) as other:
-        other.execute(update(Counter).where(Counter.id == HOT).values(value=Counter.value + 1))
-        other.commit()
+    elsewhere(session, bump_hot)
     session.execute(update(Counter).where(Counter.id == HOT).values(value=value + 1))
 
 
@@ -514,11 +540,12 @@ async def test_a_conflict_at_commit_is_retried_before_the_status_is_sent(
         session.add(Note(text=f"attempt {len(attempts)}"))
         session.flush()
         if len(attempts) == 1:
-            with Session(session.get_bind()) as other:
-                other.scalar(select(func.count()).select_from(Note))
-                other.add(Note(text="the other transaction"))
-                other.commit()
+            elsewhere(session, count_and_add)
         return {"attempt": len(attempts)}
+
+    def count_and_add(other: Session) -> None:
+        other.scalar(select(func.count()).select_from(Note))
+        other.add(Note(text="the other transaction"))
 
     route(app, db, "/notes", write_skew, status_code=201)
 
@@ -538,6 +565,27 @@ async def test_a_conflict_an_exception_handler_turned_into_a_response_is_retried
         return JSONResponse({"detail": "conflict, try again"}, status_code=409)
 
     app.add_exception_handler(DBAPIError, conflict_handler)
+    route(app, db, "/notes", Attempts(failing=1).run)
+
+    response = await client(app).post("/notes")
+
+    assert (response.status_code, response.json()) == (200, {"attempt": 2})
+
+
+async def test_a_conflict_the_app_rolled_back_and_answered_is_retried(
+    make_db: Callable[..., AnyDatabase], client: Client
+) -> None:
+    db = make_db()
+    app = app_for(db, retries=3)
+
+    async def roll_back_and_answer(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(db, AsyncDatabase):
+            await db.session.rollback()
+        else:
+            db.session.rollback()
+        return JSONResponse({"detail": "conflict, try again"}, status_code=409)
+
+    app.add_exception_handler(DBAPIError, roll_back_and_answer)
     route(app, db, "/notes", Attempts(failing=1).run)
 
     response = await client(app).post("/notes")
@@ -715,8 +763,23 @@ async def test_a_route_in_a_mounted_app_is_routed_afresh_on_each_attempt(
     assert (response.status_code, response.json()) == (200, {"attempt": 3})
 
 
+def commit_on_the_request_session(session: Session) -> None:
+    session.add(Note(text="committed by the route"))
+    session.commit()
+
+
+def commit_on_a_session_of_its_own(session: Session) -> None:
+    with Session(session.get_bind()) as own:
+        own.add(Note(text="committed by the route"))
+        own.commit()
+
+
+@pytest.mark.parametrize("commit", [commit_on_the_request_session, commit_on_a_session_of_its_own])
 async def test_a_route_that_committed_work_itself_is_not_run_again(
-    make_db: Callable[..., AnyDatabase], client: Client, caplog: pytest.LogCaptureFixture
+    make_db: Callable[..., AnyDatabase],
+    client: Client,
+    caplog: pytest.LogCaptureFixture,
+    commit: Callable[[Session], None],
 ) -> None:
     """Running it again would repeat work that is already durable: the old 500 instead."""
     db = make_db()
@@ -724,8 +787,7 @@ async def test_a_route_that_committed_work_itself_is_not_run_again(
     attempts = Attempts(failing=99)
 
     def commit_then_conflict(session: Session) -> Any:
-        session.add(Note(text="committed by the route"))
-        session.commit()
+        commit(session)
         return attempts.run(session)
 
     route(app, db, "/notes", commit_then_conflict)
