@@ -116,6 +116,13 @@ class Settings:
                 f"DBSessionMiddleware got retry_body_limit={self.body_limit}. "
                 "A body limit cannot be negative. Pass 0 to retry only requests without a body."
             )
+        for name, value in (("base", self.backoff_base), ("cap", self.backoff_cap)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f"DBSessionMiddleware's retry_backoff_{name} must be a number of seconds, "
+                    f"not {value!r}. It shapes the random wait between two attempts. "
+                    f"Pass a float, e.g. retry_backoff_{name}={getattr(Settings, 'backoff_' + name)}."
+                )
         if not (0 <= self.backoff_base <= self.backoff_cap):
             raise ValueError(
                 f"DBSessionMiddleware got retry_backoff_base={self.backoff_base!r} and "
@@ -150,7 +157,7 @@ def retries_for(scope: Scope, default: int) -> int:
 
 
 class Attempt:
-    """One run of a request that may run again."""
+    """What the commit listener learns about one attempt: whether it committed work itself."""
 
     committed = False
 

@@ -26,7 +26,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
-from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware, transaction_policy
+from middleware_sessions import (
+    AsyncDatabase,
+    Database,
+    DBSessionMiddleware,
+    _policy,
+    transaction_policy,
+)
 
 from ._postgres import PostgresServer
 
@@ -57,6 +63,12 @@ class Note(Base):
     __tablename__ = "notes"
     id: Mapped[int] = mapped_column(primary_key=True)
     text: Mapped[str] = mapped_column(String(200))
+
+
+@pytest.fixture(autouse=True)
+def _route_retries_stay_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route with retries here must not put later tests' requests on the retrying path."""
+    monkeypatch.setattr(_policy, "any_route_retries", _policy.any_route_retries)
 
 
 @pytest.fixture(params=FLAVOURS)

@@ -160,6 +160,7 @@ def test_the_backoff_is_full_jitter_below_a_doubling_ceiling_up_to_the_cap() -> 
         ({"retry_body_limit": -1}, ValueError, "cannot be negative"),
         ({"retry_body_limit": "1M"}, TypeError, "number of bytes"),
         ({"retry_backoff_base": 2, "retry_backoff_cap": 1}, ValueError, "from the base up to"),
+        ({"retry_backoff_cap": "1s"}, TypeError, "number of seconds"),
     ],
 )
 def test_bad_retry_options_are_refused_with_a_clear_error(
