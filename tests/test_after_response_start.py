@@ -172,3 +172,15 @@ async def test_streaming_body_that_raises_rolls_back_its_writes(
 
     assert await committed_names(db) == {"before-stream"}
     assert checked_out(db) == 0
+
+
+async def test_never_commit_mode_rolls_back_background_work_too(
+    database: AnyDatabase, client: Client
+) -> None:
+    app = make_app(database, commit_on=None)
+    add_in_background(app, database)
+
+    assert (await client(app).post("/items")).status_code == 201
+
+    assert await committed_names(database) == set()
+    assert checked_out(database) == 0

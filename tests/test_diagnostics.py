@@ -253,3 +253,10 @@ async def test_no_debug_work_when_debug_logging_is_off(
         assert (await client(app).post("/items", params={"name": "x"})).status_code == 400
 
     assert caplog.records == []
+
+
+def test_on_event_loop_is_a_deprecated_alias_of_blocking_check() -> None:
+    with pytest.warns(DeprecationWarning, match="blocking_check"):
+        db = Database("sqlite://", on_event_loop="raise")
+
+    assert db._blocking_check == "raise"

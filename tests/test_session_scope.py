@@ -179,3 +179,51 @@ def test_scope_works_with_no_event_loop_at_all(tmp_path: object) -> None:
     with db.session_scope() as session:
         assert list(session.scalars(select(Item.name))) == ["script"]
     db.engine.dispose()
+
+
+async def test_scope_with_commit_false_rolls_back_at_the_end(database: AnyDatabase) -> None:
+    if isinstance(database, AsyncDatabase):
+        async with database.session_scope(commit=False) as session:
+            session.add(Item(name="preview"))
+            await session.flush()
+    else:
+        with database.session_scope(commit=False) as sync_session:
+            sync_session.add(Item(name="preview"))
+            sync_session.flush()
+
+    assert await committed_names(database) == set()
+    assert checked_out(database) == 0
+
+
+async def test_scope_with_commit_false_keeps_what_the_block_committed(
+    database: AnyDatabase,
+) -> None:
+    if isinstance(database, AsyncDatabase):
+        async with database.session_scope(commit=False) as session:
+            session.add(Item(name="explicit"))
+            await session.commit()
+            session.add(Item(name="left over"))
+    else:
+        with database.session_scope(commit=False) as sync_session:
+            sync_session.add(Item(name="explicit"))
+            sync_session.commit()
+            sync_session.add(Item(name="left over"))
+
+    assert await committed_names(database) == {"explicit"}
+
+
+async def test_scope_takes_session_options_for_that_scope_only(database: AnyDatabase) -> None:
+    if isinstance(database, AsyncDatabase):
+        async with database.session_scope(autoflush=False, info={"job": 7}) as session:
+            assert session.sync_session.autoflush is False
+            assert session.info["job"] == 7
+        async with database.session_scope() as session:
+            assert session.sync_session.autoflush is True
+            assert "job" not in session.info
+    else:
+        with database.session_scope(autoflush=False, info={"job": 7}) as sync_session:
+            assert sync_session.autoflush is False
+            assert sync_session.info["job"] == 7
+        with database.session_scope() as sync_session:
+            assert sync_session.autoflush is True
+            assert "job" not in sync_session.info

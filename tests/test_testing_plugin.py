@@ -666,3 +666,171 @@ async def test_override_needs_a_target_and_the_right_kind_of_with(tmp_path: Path
         with pytest.raises(RuntimeError, match="already active"), override:
             pass
     assert db.engine is real_sync
+
+
+# --- A whole suite inside one outer transaction ---------------------------------------------
+
+WIDE_SYNC_CONFTEST = """
+    import pytest
+    from fastapi.testclient import TestClient
+
+    import shop
+    from middleware_sessions.testing import outer_transaction
+
+
+    @pytest.fixture(scope="session", autouse=True)
+    def whole_session():
+        with outer_transaction(shop.db):
+            yield
+
+
+    @pytest.fixture(scope="session")
+    def seeded():
+        # Like an app's init_db(): a helper that commits, run once for the session.
+        with shop.db.session_scope() as session:
+            session.add(shop.Item(name="seed"))
+
+
+    @pytest.fixture(scope="module")
+    def client():
+        with TestClient(shop.app) as client:
+            yield client
+
+
+    @pytest.fixture
+    def middleware_sessions_databases():
+        return [shop.db]
+"""
+
+WIDE_SYNC_TESTS = """
+    import shop
+
+
+    def test_sees_the_session_wide_data(seeded, client):
+        assert client.get("/items").json() == ["seed"]
+
+
+    def test_writes_a_row(client):
+        assert client.post("/items/commit", params={"name": "kept"}).status_code == 201
+
+
+    def test_sees_the_row_an_earlier_test_wrote(client):
+        assert client.get("/items").json() == ["kept", "seed"]
+
+
+    def test_isolated_inside(db_transaction, client):
+        assert client.post("/items/commit", params={"name": "isolated"}).status_code == 201
+        assert client.get("/items").json() == ["isolated", "kept", "seed"]
+
+
+    def test_the_isolated_row_is_gone_and_nothing_was_committed(client):
+        assert client.get("/items").json() == ["kept", "seed"]
+        assert shop.committed_names() == []
+"""
+
+WIDE_ASYNC_CONFTEST = """
+    import httpx
+    import pytest
+
+    import shop
+    from middleware_sessions.testing import async_outer_transaction
+
+
+    @pytest.fixture(scope="session")
+    def anyio_backend():
+        return "asyncio"
+
+
+    @pytest.fixture(scope="session", autouse=True)
+    async def whole_session(anyio_backend):
+        async with async_outer_transaction(shop.adb):
+            yield
+
+
+    @pytest.fixture(scope="session")
+    async def seeded(whole_session):
+        async with shop.adb.session_scope() as session:
+            session.add(shop.Item(name="seed"))
+
+
+    @pytest.fixture(scope="session")
+    async def client(whole_session):
+        transport = httpx.ASGITransport(app=shop.aapp)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+    @pytest.fixture
+    def middleware_sessions_databases():
+        return [shop.adb]
+"""
+
+WIDE_ASYNC_TESTS = """
+    import pytest
+
+    import shop
+
+    pytestmark = pytest.mark.anyio
+
+
+    async def test_sees_the_session_wide_data(seeded, client):
+        assert (await client.get("/items")).json() == ["seed"]
+
+
+    async def test_writes_a_row(client):
+        assert (await client.post("/items/commit", params={"name": "kept"})).status_code == 201
+
+
+    async def test_sees_the_row_an_earlier_test_wrote(client):
+        assert (await client.get("/items")).json() == ["kept", "seed"]
+
+
+    async def test_isolated_inside(async_db_transaction, client):
+        response = await client.post("/items/commit", params={"name": "isolated"})
+        assert response.status_code == 201
+        assert (await client.get("/items")).json() == ["isolated", "kept", "seed"]
+
+
+    async def test_the_isolated_row_is_gone_and_nothing_was_committed(client):
+        assert (await client.get("/items")).json() == ["kept", "seed"]
+        assert shop.committed_names() == []
+"""
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_suite_with_session_wide_fixtures_runs_inside_one_outer_transaction(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    backend: str,
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{pytester.path / 'shop.db'}"
+        async_url = url.replace("sqlite", "sqlite+aiosqlite", 1)
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        name = f"wide_{uuid.uuid4().hex[:12]}"
+        server.create_database(name)
+        url = server.url("psycopg", database=name)
+        async_url = server.url("asyncpg", database=name)
+    create_items_table(url)
+    monkeypatch.setenv("SHOP_SYNC_URL", url)
+    monkeypatch.setenv("SHOP_ASYNC_URL", async_url)
+    write_project(
+        pytester.path,
+        {
+            "shop.py": SHOP,
+            "sync/conftest.py": WIDE_SYNC_CONFTEST,
+            "sync/test_wide.py": WIDE_SYNC_TESTS,
+            "aio/conftest.py": WIDE_ASYNC_CONFTEST,
+            "aio/test_wide_async.py": WIDE_ASYNC_TESTS,
+        },
+    )
+
+    for folder in ("sync", "aio"):
+        result = pytester.runpytest_subprocess(folder, *ARGS, timeout=TIMEOUT)
+        result.assert_outcomes(passed=5)
+
+    assert stored_names(url) == []

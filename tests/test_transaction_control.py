@@ -12,7 +12,13 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from middleware_sessions import AsyncDatabase, Database, MissingSessionError, transaction_policy
+from middleware_sessions import (
+    AsyncDatabase,
+    Database,
+    DBSessionMiddleware,
+    MissingSessionError,
+    transaction_policy,
+)
 
 from .helpers import AnyDatabase, Item, add_item, checked_out, committed_names, make_app, route
 
@@ -419,3 +425,31 @@ async def test_savepoint_rolled_back_in_the_route_keeps_the_outer_work(
     assert (await client(app).post("/items")).status_code == 201
     assert await committed_names(database) == {"outer", "after"}
     assert checked_out(database) == 0
+
+
+def commit_then_add(session: Session, name: str) -> Any:
+    session.add(Item(name="committed"))
+    session.commit()
+    session.add(Item(name="left over"))
+    session.flush()
+
+
+async def test_never_commit_mode_keeps_only_explicit_commits(
+    database: AnyDatabase, client: Client
+) -> None:
+    app = make_app(database, commit_on=None)
+    route(app, database, "/explicit", commit_then_add)
+    route(app, database, "/implicit", add_item)
+
+    assert (await client(app).post("/explicit")).status_code == 200
+    assert (await client(app).post("/implicit", params={"name": "implicit"})).status_code == 200
+
+    assert await committed_names(database) == {"committed"}
+    assert checked_out(database) == 0
+
+
+def test_commit_on_must_be_callable_or_none() -> None:
+    db = Database("sqlite://")
+    with pytest.raises(TypeError, match="or None to never commit"):
+        DBSessionMiddleware(FastAPI(), db=db, commit_on=400)  # type: ignore[arg-type]
+    assert DBSessionMiddleware(FastAPI(), db=db, commit_on=None).commit_on is None
