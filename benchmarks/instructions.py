@@ -52,6 +52,9 @@ def make(variant: str) -> FastAPI:
 
     if variant == "ours":
         app.add_middleware(DBSessionMiddleware, db=AsyncDatabase("sqlite+aiosqlite://"))
+    elif variant == "retrying":  # ready to run the request again (retries=3), no conflict
+        db = AsyncDatabase("sqlite+aiosqlite://")
+        app.add_middleware(DBSessionMiddleware, db=db, retries=3)
     elif variant == "noop":
         app.add_middleware(PassThrough)
     return app
