@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint demo bench reliability clean
+.PHONY: help test lint docs demo bench reliability clean
+
+## Lists the targets.
+help:
+	@awk '/^## /{doc=substr($$0, 4); next} /^[a-z][a-z-]*:/{if (doc) {split($$0, t, ":"); printf "  make %-12s %s\n", t[1], doc}; doc=""; next} {doc=""}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict middleware_sessions
 
+## The documentation site (MkDocs), built with --strict into site/.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+$(VENV)/.docs-installed: $(STAMP)
+	$(BIN)/python -m pip install -q --group docs
+	touch $@
+
 ## The demo ledger service on PORT (default 8000).
 demo: $(STAMP)
 	@echo "demo_app: http://127.0.0.1:$(PORT)/docs"
@@ -38,5 +50,6 @@ bench: $(STAMP)
 reliability: $(STAMP)
 	MIDDLEWARE_SESSIONS_RELIABILITY=1 $(BIN)/python -m pytest tests/reliability -q
 
+## Removes the venv, caches and built files.
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage site

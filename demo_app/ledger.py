@@ -15,7 +15,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .database import db
-from .models import Account, AuditEntry, Transfer
+from .models import MAX_INTEGER, Account, AuditEntry, Transfer
 from .schemas import AccountIn, TransferIn
 
 
@@ -34,6 +34,10 @@ class NotFound(LedgerError):
 
 
 class InsufficientFunds(LedgerError):
+    status_code = 409
+
+
+class BalanceTooLarge(LedgerError):
     status_code = 409
 
 
@@ -95,7 +99,11 @@ async def transfer(body: TransferIn) -> tuple[Transfer, bool]:
     for account_id, change in changes:
         balance = await _add_to_balance(account_id, change)
         if balance is None:
-            raise NotFound(f"Account {account_id} does not exist.")
+            await get_account(account_id)  # a 404 if there is no such account
+            raise BalanceTooLarge(
+                f"Account {account_id} cannot hold {body.amount} more cents: "
+                f"no balance can exceed {MAX_INTEGER} cents."
+            )
         if balance < 0:
             # The debit is already in the database (flushed, not committed). The
             # 409 makes the middleware roll this request back: nothing moved.
@@ -130,7 +138,8 @@ async def _add_to_balance(account_id: int, change: int) -> int | None:
 
     The database computes ``balance + change`` from the row as it is, under the
     row's write lock, so concurrent transfers never lose an update (a read, then
-    a write of the result, would).
+    a write of the result, would). ``None``: no such account, or the new balance
+    would not fit in the column (compared without computing the overflowing sum).
     """
     statement = (
         update(Account)
@@ -138,6 +147,8 @@ async def _add_to_balance(account_id: int, change: int) -> int | None:
         .values(balance=Account.balance + change)
         .returning(Account.balance)
     )
+    if change > 0:
+        statement = statement.where(Account.balance <= MAX_INTEGER - change)
     return (await db.session.execute(statement)).scalar_one_or_none()
 
 

@@ -1,15 +1,26 @@
-"""The ledger's tables. Money is integer cents; ids are integers."""
+"""The ledger's tables. Money is integer cents; ids are integers.
+
+Every integer column is 64-bit (``BIGINT`` on PostgreSQL; SQLite's ``INTEGER``
+already is), so ids, balances and amounts all range up to ``MAX_INTEGER``.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, String, func
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, Integer, String, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The largest integer a column holds: BIGINT, and SQLite's INTEGER, are signed 64-bit.
+MAX_INTEGER = 2**63 - 1
 
 
 class Base(DeclarativeBase):
-    pass
+    # SQLite only numbers "INTEGER PRIMARY KEY" columns by itself: keep that name there.
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        int: BigInteger().with_variant(Integer(), "sqlite")
+    }
 
 
 class Account(Base):
@@ -19,7 +30,7 @@ class Account(Base):
     owner: Mapped[str] = mapped_column(String(200))
     # Deliberately no CHECK (balance >= 0): an over-draw is flushed, found out and
     # answered with 409, and the middleware's rollback is what undoes it.
-    balance: Mapped[int] = mapped_column(BigInteger)
+    balance: Mapped[int]
 
 
 class Transfer(Base):
@@ -32,7 +43,7 @@ class Transfer(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     from_account: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
     to_account: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
-    amount: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int]
     # NULLs never collide, so only transfers that carry a key are deduplicated.
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
 

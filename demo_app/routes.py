@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from . import ledger
 from .database import pool_watch
+from .models import MAX_INTEGER
 from .schemas import AccountIn, AccountOut, TransferIn, TransferOut
 
 router = APIRouter()
 
+# Every number that reaches a query is one the database can hold (a 64-bit
+# integer): anything larger is a 422, never a driver's overflow error.
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_INTEGER, description="Items to skip.")]
+AccountId = Annotated[int, Path(ge=1, le=MAX_INTEGER, description="An account id.")]
+TransferId = Annotated[int, Path(ge=1, le=MAX_INTEGER, description="A transfer id.")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown account"},
@@ -34,13 +39,13 @@ async def list_accounts(limit: Limit = 100, offset: Offset = 0) -> list[AccountO
 
 
 @router.get("/accounts/{account_id}", responses=_ERRORS)
-async def read_account(account_id: int) -> AccountOut:
+async def read_account(account_id: AccountId) -> AccountOut:
     return AccountOut.model_validate(await ledger.get_account(account_id))
 
 
 @router.get("/accounts/{account_id}/transfers", responses=_ERRORS)
 async def list_account_transfers(
-    account_id: int, limit: Limit = 100, offset: Offset = 0
+    account_id: AccountId, limit: Limit = 100, offset: Offset = 0
 ) -> list[TransferOut]:
     transfers = await ledger.list_transfers(limit, offset, account_id=account_id)
     return [TransferOut.model_validate(transfer) for transfer in transfers]
@@ -52,7 +57,7 @@ async def list_account_transfers(
     responses={
         200: {"description": "Idempotent replay: the transfer first made with this key"},
         **_ERRORS,
-        409: {"description": "Insufficient funds; nothing was moved"},
+        409: {"description": "Insufficient funds, or a balance too large; nothing was moved"},
         422: {"description": "Invalid transfer, or idempotency_key reused for another transfer"},
     },
 )
@@ -92,7 +97,7 @@ async def export_transfers() -> StreamingResponse:
 
 
 @router.get("/transfers/{transfer_id}", responses={404: {"description": "Unknown transfer"}})
-async def read_transfer(transfer_id: int) -> TransferOut:
+async def read_transfer(transfer_id: TransferId) -> TransferOut:
     return TransferOut.model_validate(await ledger.get_transfer(transfer_id))
 
 

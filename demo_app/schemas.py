@@ -6,10 +6,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Far below BIGINT's limit, so no sum of a few balances can overflow it.
+from .models import MAX_INTEGER
+
+# What one request may bring in; a balance may grow to MAX_INTEGER by transfers.
 MAX_CENTS = 10**15
 
 Cents = Annotated[int, Field(le=MAX_CENTS, description="An amount in cents.")]
+# Ids are what the database can hold: a larger one would not fit in a query's parameter.
+Id = Annotated[int, Field(ge=1, le=MAX_INTEGER, description="An id.")]
 
 
 class Input(BaseModel):
@@ -23,8 +27,8 @@ class AccountIn(Input):
 
 
 class TransferIn(Input):
-    from_account: int
-    to_account: int
+    from_account: Id
+    to_account: Id
     amount: Annotated[Cents, Field(gt=0)]
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
@@ -47,7 +51,7 @@ class TransferOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
-    from_account: int
-    to_account: int
+    from_account: Id
+    to_account: Id
     amount: int
     idempotency_key: str | None

@@ -72,7 +72,13 @@ def safe_url(url: URL) -> str:
 
 
 def check_driver(url: URL, *, want_async: bool, cls_name: str) -> None:
-    """Raise ``ValueError`` if the URL's driver does not match the sync/async flavour."""
+    """Raise unless the URL names a dialect we can use, of the right flavour, installed.
+
+    A misspelt dialect or the wrong flavour is a ``ValueError``; a driver that is
+    not installed is a ``ModuleNotFoundError`` naming the package to install.
+    """
+    if url.get_backend_name() == "postgres":
+        raise ValueError(_postgres_hint(url, want_async=want_async, cls_name=cls_name))
     try:
         # Resolving the dialect imports SQLAlchemy's dialect module, not the driver.
         dialect = url.get_dialect(_is_async=want_async)
@@ -96,6 +102,53 @@ def check_driver(url: URL, *, want_async: bool, cls_name: str) -> None:
             "Use a sync driver such as 'sqlite' or 'postgresql+psycopg', "
             "or use AsyncDatabase() for async code."
         )
+    try:
+        # What create_engine() would do next; here the error can say what to install.
+        dialect.import_dbapi()
+    except NotImplementedError:
+        pass  # a third-party dialect with the older dbapi() hook: create_engine() copes
+    except ModuleNotFoundError as exc:
+        module = (exc.name or dialect.driver).split(".")[0]
+        raise ModuleNotFoundError(
+            _missing_driver(url, module, cls_name=cls_name), name=exc.name
+        ) from exc
+
+
+# The package extra that installs each driver: pip install "middleware_sessions[<extra>]".
+_EXTRAS = {"aiosqlite": "aiosqlite", "asyncpg": "asyncpg", "psycopg": "psycopg"}
+
+
+def _missing_driver(url: URL, module: str, *, cls_name: str) -> str:
+    extra = _EXTRAS.get(module)
+    if extra is not None:
+        how = f'pip install "middleware_sessions[{extra}]" (or pip install {module})'
+    elif url.get_backend_name() == "postgresql":
+        # e.g. plain 'postgresql://' on SQLAlchemy 2.0, whose default driver is psycopg2.
+        how = (
+            f"pip install {module}, or name a driver we support in the URL: "
+            "'postgresql+psycopg://' (pip install \"middleware_sessions[psycopg]\") "
+            "or 'postgresql+asyncpg://' (pip install \"middleware_sessions[asyncpg]\")"
+        )
+    else:
+        how = f"pip install {module}"
+    return (
+        f"{cls_name}() needs the database driver {module!r} for {url.drivername!r} URLs, "
+        "and it is not installed. "
+        "SQLAlchemy imports the driver when it creates the engine. "
+        f"Install it with {how}."
+    )
+
+
+def _postgres_hint(url: URL, *, want_async: bool, cls_name: str) -> str:
+    driver = url.drivername.partition("+")[2] or ("asyncpg" if want_async else "psycopg")
+    wanted = f"postgresql+{driver}"
+    return (
+        f"{cls_name}() was given a URL starting with '{url.drivername}://'. "
+        "SQLAlchemy spells PostgreSQL's dialect 'postgresql'; the 'postgres://' form that "
+        "some hosting providers hand out is not registered. "
+        f"Start the URL with '{wanted}://' instead, "
+        f"e.g. url.replace('{url.drivername}://', '{wanted}://', 1)."
+    )
 
 
 def check_engine(engine: object, *, want_async: bool, cls_name: str) -> None:

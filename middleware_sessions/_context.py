@@ -16,15 +16,16 @@ from typing import Any
 class Holder:
     """The session slot of one request or one ``session_scope()``.
 
-    No ``__init__``: the defaults live on the class, so a request that never
-    touches the database pays for a bare object and nothing else.
+    Slotted: a request that never touches the database pays for one small object
+    (the middleware's per-request object is a ``Holder`` too, so not two).
     """
 
-    session: Any = None
-    open: bool = True
-    rollback_only: bool = False
-    # A statement failed with this retryable SQLSTATE (noted by ``_retry.watch``).
-    conflict: str | None = None
+    __slots__ = ("open", "rollback_only", "session")
+
+    def __init__(self) -> None:
+        self.session: Any = None
+        self.open = True
+        self.rollback_only = False
 
     def empty(self) -> Any:
         """Empty the slot for good (it never fills again) and return what it held."""

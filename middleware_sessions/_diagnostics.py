@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import inspect
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
+
+from ._redaction import redact
+
+__all__ = ["describe_discarded", "is_concurrent_use", "redact"]
 
 # What drivers say when a second operation arrives on a busy connection.
 _DRIVER_BUSY = (
@@ -56,27 +60,3 @@ def describe_discarded(session: Session) -> str:
         for what, group in (("new", new), ("changed", changed), ("deleted", deleted))
     ]
     return ", ".join(parts)
-
-
-def redact(exc: BaseException) -> BaseException:
-    """Strip SQL text, parameters and quoted values from a database error, in place.
-
-    For errors that leave the app (the server logs them) and for our own log lines.
-    The type stays, so handlers and tests still match it, and the driver's error is
-    still on ``exc.orig``; only what a log would print is cut down to the driver's
-    error class and SQLSTATE.
-    """
-    if isinstance(exc, StatementError):
-        exc.statement = None
-        exc.params = None
-        exc.detail = []
-        if isinstance(exc, DBAPIError):
-            orig = exc.orig
-            state = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
-            kind = f"{type(orig).__module__}.{type(orig).__name__}"
-            exc.args = (f"({kind}) {f'SQLSTATE {state} ' if state else ''}[message redacted]",)
-            # The driver's message (with DETAIL lines quoting values) would be printed
-            # as the cause; it stays reachable as exc.orig.
-            exc.__cause__ = None
-            exc.__suppress_context__ = True
-    return exc

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _hooks
+from ._redaction import redact
 
 logger = logging.getLogger("middleware_sessions")
 
@@ -52,8 +53,8 @@ def rollback(session: Session) -> None:
     """Roll back; a failure is logged, not raised (nothing was written either way)."""
     try:
         session.rollback()
-    except Exception:
-        logger.warning(_ROLLBACK_FAILED, exc_info=True)
+    except Exception as error:
+        logger.warning(_ROLLBACK_FAILED, exc_info=redact(error))
 
 
 def finish(session: Session, commit: bool) -> None:

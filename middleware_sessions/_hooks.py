@@ -19,6 +19,8 @@ import anyio.to_thread
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
+from ._redaction import redact as redact_errors
+
 logger = logging.getLogger("middleware_sessions")
 
 Hook = Callable[[], Any]
@@ -80,11 +82,16 @@ def is_async_callable(obj: object) -> bool:
     )
 
 
-def _log_failure(hook: Hook, where: str) -> None:
-    logger.error("The transaction hook %r of %s failed.", hook, where, exc_info=True)
+def _log_failure(
+    hook: Hook, where: str, error: Exception, redact: Callable[[BaseException], Any]
+) -> None:
+    # A hook that queries the database can fail with SQL and values in its error.
+    logger.error("The transaction hook %r of %s failed.", hook, where, exc_info=redact(error))
 
 
-async def run_async(hooks: list[Hook], where: str) -> None:
+async def run_async(
+    hooks: list[Hook], where: str, redact: Callable[[BaseException], Any] = redact_errors
+) -> None:
     """Run hooks in order: coroutines awaited, plain callables in a worker thread."""
     for hook in hooks:
         try:
@@ -92,8 +99,8 @@ async def run_async(hooks: list[Hook], where: str) -> None:
                 await hook()
             else:
                 await anyio.to_thread.run_sync(hook)
-        except Exception:
-            _log_failure(hook, where)
+        except Exception as error:
+            _log_failure(hook, where, error, redact)
 
 
 def run_sync(hooks: list[Hook], where: str) -> None:
@@ -109,5 +116,5 @@ def run_sync(hooks: list[Hook], where: str) -> None:
             continue
         try:
             hook()
-        except Exception:
-            _log_failure(hook, where)
+        except Exception as error:
+            _log_failure(hook, where, error, redact_errors)

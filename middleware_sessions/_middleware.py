@@ -116,6 +116,7 @@ class DBSessionMiddleware:
         self.db = db
         self.commit_on = commit_on
         self.redact_errors = redact_errors
+        self._var = db._var
         self.retries = retries
         self._retry_settings = _retry.Settings(
             retries, retry_body_limit, retry_backoff_base, retry_backoff_cap
@@ -135,41 +136,36 @@ class DBSessionMiddleware:
         if self.retries or _policy.any_route_retries:
             await self._run_retrying(scope, receive, send)
             return
-        request = _Request(self, scope, send)
-        await self._run(request, receive, request.send)
+        await self._run(_Request(self, scope, send), receive)
 
-    async def _run(self, request: _Request, receive: Receive, send: Send) -> None:
-        """One attempt at the request: the app, on a session of its own."""
-        var = self.db._var
-        token = var.set(request.holder)
+    async def _run(self, request: _Request, receive: Receive) -> None:
+        """The app, once, on a session of the request's own."""
+        var = self._var
+        token = var.set(request)
         app_failed = True
         try:
             try:
-                await self.app(request.scope, receive, send)
+                await self.app(request.scope, receive, request.send)
                 app_failed = False
             except _CommitFailed:
                 pass  # the real error is raised below, outside this handler
             except Conflict:
                 raise
             except BaseException as exc:
-                if request.conflict is None:
-                    request.conflict = request.retryable(exc)
-                if request.conflict is None and not (
-                    request.error is not None and _only_commit_failed(exc)
-                ):
+                if request.ends_in_conflict(exc):
+                    raise Conflict from None
+                if not (request.error is not None and _only_commit_failed(exc)):
                     if await request.answered(exc):
                         return
                     raise
-            if request.conflict is not None:
-                # Also when the app swallowed the Conflict or a task group wrapped it.
-                raise Conflict(request.conflict)
             if request.error is not None:
                 # Raised here, so the framework logs the database error itself and
                 # sends its 500 (the start message never went out).
                 raise request.error
         finally:
             var.reset(token)
-            session = request.holder.empty()
+            # Holder.empty(), inlined: this runs for every request.
+            session, request.session, request.open = request.session, None, False
             if session is not None:
                 await request.finish(session, app_failed=app_failed)
 
@@ -182,7 +178,6 @@ class DBSessionMiddleware:
         and its background tasks never ran (they follow the response).
         """
         settings = self._retry_settings
-        _retry.watch(self.db.engine, self.db._var)
         body = _retry.Body(
             receive,
             settings.body_limit,
@@ -194,15 +189,16 @@ class DBSessionMiddleware:
             request = _Attempt(self, scope, send, settings.retries)
             token = _retry.CURRENT.set(request.marker)
             try:
-                await self._run(request, body.receive(), request.send_attempt)
-                return
-            except Conflict as conflict:
-                sqlstate = conflict.sqlstate
+                await self._run(request, body.receive())
+            except Conflict:
+                pass
             finally:
                 _retry.CURRENT.reset(token)
+            sqlstate = request.conflict
+            if sqlstate is None:
+                return
             # The route's policy is known now: routing ran in the attempt.
-            retries = _retry.retries_for(scope, settings.retries)
-            if attempt > retries or body.problem is not None:
+            if attempt > _retry.retries_for(scope, settings.retries) or body.problem:
                 _retry.log_gave_up(scope, attempt, sqlstate, body.problem)
                 await _retry.send_unavailable(send)
                 return
@@ -254,50 +250,56 @@ class DBSessionMiddleware:
         return send_wrapper
 
 
-class _Request:
-    """One HTTP request's transaction, from its first ``db.session`` to its close.
+async def _refuse(message: Message) -> None:
+    raise _CommitFailed  # the start was replaced by an error; nothing may follow
+
+
+async def _refuse_conflict(message: Message) -> None:
+    raise Conflict  # the attempt is over and runs again; nothing of it may go out
+
+
+class _Request(Holder):
+    """One HTTP request: its session slot, and its transaction from first use to close.
 
     The middleware stays a dispatcher; everything that belongs to one request lives
-    here (as Starlette's ``GZipMiddleware`` hands each request to a responder).
+    here (as Starlette's ``GZipMiddleware`` hands each request to a responder). It is
+    also the holder the database's ``ContextVar`` points at, so a request costs one
+    slotted object: about 4,500 instructions less than a holder plus a request object
+    (callgrind, benchmarks/instructions.py).
     """
 
     # The start message went out; the commit at the start failed (and what it raised);
     # two tasks used the session at once, so its connection may still be busy.
-    started = False
-    error: BaseException | None = None
-    poisoned = False
-    # This attempt failed with a serialization failure or deadlock (its SQLSTATE) and
-    # is to be run again: nothing of it was forwarded, nothing may be.
-    conflict: str | None = None
+    __slots__ = ("_send", "error", "middleware", "poisoned", "scope", "started")
 
     def __init__(self, middleware: DBSessionMiddleware, scope: Scope, send: Send) -> None:
+        self.session = None
+        self.open = True
+        self.rollback_only = False
         self.middleware = middleware
         self.scope = scope
         self._send = send
-        self.holder = Holder()
+        self.started = False
+        self.error: BaseException | None = None
+        self.poisoned = False
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
         # the database pay no extra coroutine per message.
-        if self.error is not None:
-            raise _CommitFailed  # the start was replaced by an error; nothing may follow
         if message["type"] == "http.response.start":
-            if self.holder.session is not None:
+            if self.session is not None:
                 return self._start(message)
             self.started = True
         return self._send(message)
 
     async def _start(self, message: Message) -> None:
         """Settle the transaction, then forward the start message."""
-        session = self.holder.session
+        session = self.session
         if session.in_transaction():
             middleware = self.middleware
             # Don't send the status until the data it reports is settled.
             try:
-                commit = middleware.decide(self.scope, message["status"], self.holder)
-                if commit is not True and self.holder.conflict is not None:
-                    # The app made a response of a statement's conflict: run it again.
-                    await self._retry_instead(self.retryable(None))
+                commit = middleware.decide(self.scope, message["status"], self)
                 if commit is False and logger.isEnabledFor(logging.DEBUG):
                     self._log_discarded(session, message["status"])
                 if commit is not None:
@@ -308,30 +310,15 @@ class _Request:
                     with anyio.CancelScope(shield=True):
                         await middleware.db._flavour.settle(session, commit)
             except Exception as exc:
-                # The COMMIT lost a serialization race? It was rolled back: run it again.
-                await self._retry_instead(self.retryable(exc))
                 self.error = middleware.redact_in_place(exc)
+                self._send = _refuse
                 raise _CommitFailed from exc
-        elif self.holder.conflict is not None:
-            # The app rolled back after a conflict and answered: run it again instead.
-            await self._retry_instead(self.retryable(None))
         self.started = True
         await self._send(message)
 
-    def retryable(self, exc: BaseException | None) -> str | None:
-        """The SQLSTATE if this request failed with a conflict and may run again: never here."""
-        return None
-
-    async def _retry_instead(self, sqlstate: str | None) -> None:
-        """Roll back and leave the app, the start message unsent, to be run again."""
-        if sqlstate is None:
-            return
-        session = self.holder.session
-        if session.in_transaction():
-            with anyio.CancelScope(shield=True):
-                await self.middleware.db._flavour.settle(session, False)
-        self.conflict = sqlstate
-        raise Conflict(sqlstate)
+    def ends_in_conflict(self, exc: BaseException) -> bool:
+        """Whether ``exc`` ends an attempt that runs again: never for a plain request."""
+        return False
 
     async def answered(self, exc: BaseException) -> bool:
         """Deal with an exception escaping the app: True if a response was sent instead.
@@ -342,7 +329,8 @@ class _Request:
             self.poisoned = True
             scope = self.scope
             where = f"{scope.get('method')} {scope.get('path')}"
-            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from exc
+            cause = self.middleware.redact_in_place(exc)  # it is printed with ours
+            raise ConcurrentSessionError(CONCURRENT_USE.format(where=where)) from cause
         if isinstance(exc, PoolTimeout) and not self.started:
             await self._answer_503()
             return True
@@ -355,7 +343,7 @@ class _Request:
         commit = (
             self.started
             and not app_failed
-            and not self.holder.rollback_only
+            and not self.rollback_only
             and middleware.commits_after_start(self.scope)
         )
         flavour = middleware.db._flavour
@@ -365,7 +353,7 @@ class _Request:
         finally:
             hooks = take_ready(flavour.sync_session(session))
         if hooks:
-            await run_hooks(hooks, self._where())
+            await run_hooks(hooks, self._where(), middleware.redact_in_place)
 
     async def _close(self, session: Any, *, commit: bool) -> None:
         """Settle work done after the response started, then close the session.
@@ -420,32 +408,82 @@ class _Request:
 
 
 class _Attempt(_Request):
-    """One run of a request that may run again after a serialization failure or a deadlock."""
+    """One run of a request that may run again after a serialization failure or a deadlock.
+
+    The listeners of ``_retry`` report to its ``marker``: a conflict on this database's
+    engine (raised, or turned into a response by the app), and any commit of work of
+    its own, after which it must not run again.
+    """
+
+    __slots__ = ("_retries", "conflict", "marker")
 
     def __init__(
         self, middleware: DBSessionMiddleware, scope: Scope, send: Send, retries: int
     ) -> None:
         super().__init__(middleware, scope, send)
         self._retries = retries  # the middleware's; the route's policy may say otherwise
-        self.marker = _retry.Attempt()  # learns whether the attempt committed work itself
+        # Set once the attempt is over and runs again: the SQLSTATE that ended it.
+        self.conflict: str | None = None
+        self.marker = _retry.Attempt(middleware.db.engine, outer=_retry.CURRENT.get())
+        _retry.watch(self.marker)
 
-    def send_attempt(self, message: Message) -> Awaitable[None]:
-        """``send`` for an attempt: once it is over (a conflict), nothing goes out."""
+    async def _start(self, message: Message) -> None:
+        """Run the request again instead of forwarding a response made of a conflict,
+        or a start whose COMMIT failed with one."""
+        if self.marker.conflict is not None:
+            session = self.session
+            status = message["status"]
+            if not (
+                session.in_transaction()
+                and self.middleware.decide(self.scope, status, self) is True
+            ):
+                await self._run_again()
+        try:
+            await super()._start(message)
+        except _CommitFailed as failed:
+            # Our own COMMIT, so this database's conflict, whether or not the listener saw
+            # it (a sync COMMIT runs in a worker thread, outside this context).
+            if self.marker.conflict is None:
+                self.marker.conflict = _retry.conflict_of(failed.__cause__)
+            if self._retryable() is None:
+                raise
+            self.error = None  # the COMMIT lost a serialization race: not an error, a retry
+            await self._run_again()
+
+    def ends_in_conflict(self, exc: BaseException) -> bool:
         if self.conflict is not None:
-            raise Conflict(self.conflict)
-        return self.send(message)
+            return True  # the Conflict, wrapped by a task group or swallowed by the app
+        if not isinstance(exc, Exception) or _retry.conflict_of(exc) is None:
+            return False  # a cancellation or another error is never run again
+        sqlstate = self._retryable()
+        self.conflict = sqlstate
+        return sqlstate is not None
 
-    def retryable(self, exc: BaseException | None) -> str | None:
-        """The SQLSTATE if this attempt failed with a conflict and may be run again."""
-        if self.started:
+    def _retryable(self) -> str | None:
+        """The SQLSTATE of this database's conflict, if the request may run again."""
+        sqlstate = self.marker.conflict
+        if sqlstate is None or self.started:
             return None
-        if exc is not None and not isinstance(exc, Exception):
-            return None  # a cancellation or a disconnect is never run again
-        sqlstate = _retry.conflict_of(exc) or self.holder.conflict
-        if sqlstate is None or _retry.retries_for(self.scope, self._retries) == 0:
+        if _retry.retries_for(self.scope, self._retries) == 0:
             return None
         if self.marker.committed:
             # Running it again would repeat work that is already durable.
             _retry.log_committed_already(self.scope, sqlstate)
             return None
         return sqlstate
+
+    async def _run_again(self) -> None:
+        """Roll back and leave the app, the start unsent: the dispatcher runs it again.
+
+        Does nothing where the request may not run again (the normal path goes on).
+        """
+        sqlstate = self._retryable()
+        if sqlstate is None:
+            return
+        session = self.session
+        if session is not None and session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await self.middleware.db._flavour.settle(session, False)
+        self.conflict = sqlstate
+        self._send = _refuse_conflict
+        raise Conflict

@@ -15,7 +15,6 @@ the backoff, the log lines and the answer when the retries run out.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import weakref
@@ -46,15 +45,11 @@ _CHAIN_LIMIT = 64
 
 
 class Conflict(BaseException):
-    """Leaves the app when an attempt must be run again; caught by its own name only.
+    """Leaves the app when an attempt is over and runs again; caught by its own name only.
 
-    A ``BaseException``, so the app's handlers for ``Exception`` let it pass: the
-    attempt is over, and nothing of its response may reach the client.
+    A ``BaseException``, so the app's handlers for ``Exception`` let it pass: nothing
+    of the attempt's response may reach the client. The attempt keeps the SQLSTATE.
     """
-
-    def __init__(self, sqlstate: str) -> None:
-        super().__init__(sqlstate)
-        self.sqlstate = sqlstate
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -148,64 +143,66 @@ def retries_for(scope: Scope, default: int) -> int:
     return default if retries is None else retries
 
 
-# --- Work an attempt made durable itself ------------------------------------------------
+# --- What the attempt running now did: listeners -------------------------------------
 #
-# A request that committed something of its own (db.session.commit(), a session_scope(),
-# a session from db.sessionmaker()) cannot start over: running it again would repeat
-# that work. An ``after_commit`` listener on every ``Session`` marks the attempt running
-# in the current context; it is installed with the first request that may run again.
+# Two SQLAlchemy listeners report to the attempt running in the current context
+# (``CURRENT``, set only around attempts of requests that may run again):
+#
+# - ``handle_error`` on the database's engine notes a serialization failure or
+#   deadlock, also one that the route or an exception handler then turned into a
+#   response (409, 500, ...) the middleware only sees as a status;
+# - ``after_commit`` on every ``Session`` notes that the attempt made work of its own
+#   durable (``db.session.commit()``, a ``session_scope()``, a session from
+#   ``db.sessionmaker()``): running it again would repeat that work.
+#
+# They are installed with the first request that may run again, so an app that never
+# retries carries neither, and they run only when a statement fails or a session commits.
 
 
 class Attempt:
-    """What the commit listener learns about one attempt: whether it committed work itself."""
+    """What the listeners learn about one attempt on one database's engine."""
 
-    committed = False
+    def __init__(self, engine: Any, outer: Attempt | None) -> None:
+        self.engine = getattr(engine, "sync_engine", engine)  # where an AsyncEngine's events live
+        self.outer = outer  # the attempt of a middleware further out (another database)
+        self.conflict: str | None = None  # the SQLSTATE of a conflict on this engine
+        self.committed = False
 
 
 CURRENT: ContextVar[Attempt | None] = ContextVar("middleware_sessions.attempt", default=None)
-_listening = False
+_WATCHED: weakref.WeakSet[Engine] = weakref.WeakSet()
+_listening_for_commits = False
+
+
+def watch(attempt: Attempt) -> None:
+    """Install the listeners that report to ``attempt`` (once per engine, once for commits)."""
+    global _listening_for_commits
+    if not _listening_for_commits:
+        event.listen(Session, "after_commit", _note_commit)
+        _listening_for_commits = True
+    if attempt.engine not in _WATCHED:
+        _WATCHED.add(attempt.engine)
+        event.listen(attempt.engine, "handle_error", _note_conflict)
+
+
+def _note_conflict(context: ExceptionContext) -> None:
+    state = conflict_of(context.original_exception)
+    attempt = CURRENT.get() if state is not None else None
+    while attempt is not None:
+        if attempt.engine is context.engine:
+            attempt.conflict = state
+            return
+        attempt = attempt.outer
 
 
 def _note_commit(session: Session) -> None:
-    if not session.in_nested_transaction():
-        attempt = CURRENT.get()
-        if attempt is not None:
-            attempt.committed = True
-
-
-# --- Failures the app turned into a response -----------------------------------------
-#
-# A route or an exception handler may catch the driver's error and answer 409 or 500:
-# the middleware then only sees a status. A ``handle_error`` listener on the engine
-# notes the SQLSTATE on the request's holder. It is installed the first time a request
-# that may be retried uses the engine, so apps that never retry carry no listener, and
-# it runs only when a statement fails.
-
-_WATCHED: weakref.WeakKeyDictionary[Engine, set[ContextVar[Any]]] = weakref.WeakKeyDictionary()
-
-
-def watch(engine: Any, var: ContextVar[Any]) -> None:
-    """Note retryable failures of ``engine``'s statements on the holder ``var`` points at,
-    and commits on the attempt running (``CURRENT``)."""
-    global _listening
-    if not _listening:
-        event.listen(Session, "after_commit", _note_commit)
-        _listening = True
-    engine = getattr(engine, "sync_engine", engine)  # an AsyncEngine's events live there
-    watched = _WATCHED.get(engine)
-    if watched is None:
-        watched = _WATCHED[engine] = set()
-    if var not in watched:
-        watched.add(var)
-        event.listen(engine, "handle_error", functools.partial(_note, var))
-
-
-def _note(var: ContextVar[Any], context: ExceptionContext) -> None:
-    state = conflict_of(context.original_exception)
-    if state is not None:
-        holder = var.get(None)
-        if holder is not None and holder.open:
-            holder.conflict = state
+    if session.in_nested_transaction():
+        return  # a savepoint: nothing is durable yet
+    attempt = CURRENT.get()
+    while attempt is not None:
+        # Durable work of an inner attempt is durable for every attempt around it.
+        attempt.committed = True
+        attempt = attempt.outer
 
 
 # --- The request body, kept for the next attempt --------------------------------------

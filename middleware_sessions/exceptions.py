@@ -49,9 +49,10 @@ CONCURRENT_USE = (
 
 BLOCKING_USE = (
     "A sync Database.session was used on the event loop thread, inside 'async def' code. "
-    "Its queries block the event loop, and every other request waits for them. "
-    "Make the route a plain 'def' (FastAPI runs it in a worker thread) or use AsyncDatabase. "
-    "Database(..., blocking_check='ignore') silences this; 'raise' makes it an error."
+    "Its queries block the event loop, so every other request waits for them. "
+    "Make the route a plain 'def' (FastAPI runs it in a worker thread) or use AsyncDatabase; "
+    "Database(..., blocking_check=...) chooses what happens here: "
+    "'warn' (the default), 'raise' (an error) or 'ignore'."
 )
 
 INSTALLED_TWICE = (

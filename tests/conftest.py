@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy.engine import Engine
 from middleware_sessions import AsyncDatabase, Database
 
 from ._postgres import PostgresServer
-from .helpers import AnyDatabase, Base, postgres_or_skip
+from .helpers import AnyDatabase, Base, Client, postgres_or_skip
 
 BACKENDS = [
     pytest.param(("sync", "sqlite"), id="sync-sqlite"),
@@ -53,11 +54,15 @@ def _enforce_sqlite_foreign_keys(engine: Engine) -> None:
         dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
 
-@pytest.fixture(params=BACKENDS)
-async def make_database(
+def _only(flavour: str) -> list[Any]:
+    return [param for param in BACKENDS if param.values[0][0] == flavour]
+
+
+@asynccontextmanager
+async def _factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Callable[..., AnyDatabase]]:
-    """Build databases of one flavour and backend, on one fresh database with empty tables."""
+    """Build databases of ``request.param``'s flavour and backend, on one fresh database."""
     flavour, backend = request.param
     if backend == "sqlite":
         sync_url = f"sqlite:///{tmp_path / 'test.db'}"
@@ -89,12 +94,23 @@ async def make_database(
         return db
 
     make.url = url  # type: ignore[attr-defined]
-    yield make
-    for db in made:
-        if isinstance(db, AsyncDatabase):
-            await db.engine.dispose()
-        else:
-            db.engine.dispose()
+    try:
+        yield make
+    finally:
+        for db in made:
+            if isinstance(db, AsyncDatabase):
+                await db.engine.dispose()
+            else:
+                db.engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+async def make_database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., AnyDatabase]]:
+    """Build databases of one flavour and backend, on one fresh database with empty tables."""
+    async with _factory(request, tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
@@ -103,8 +119,28 @@ def database(make_database: Callable[..., AnyDatabase]) -> AnyDatabase:
     return make_database()
 
 
+@pytest.fixture(params=_only("async"))
+async def async_database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[AsyncDatabase]:
+    """One ``AsyncDatabase``, on SQLite and on PostgreSQL, for what only the async flavour has."""
+    async with _factory(request, tmp_path) as make:
+        db = make()
+        assert isinstance(db, AsyncDatabase)
+        yield db
+
+
+@pytest.fixture(params=_only("sync"))
+async def sync_database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """One ``Database``, on SQLite and on PostgreSQL, for what only the sync flavour has."""
+    async with _factory(request, tmp_path) as make:
+        db = make()
+        assert isinstance(db, Database)
+        yield db
+
+
 @pytest.fixture
-async def client() -> AsyncIterator[Callable[[FastAPI], httpx.AsyncClient]]:
+async def client() -> AsyncIterator[Client]:
     """In-process HTTP clients for an app; server errors come back as 500s."""
     clients: list[httpx.AsyncClient] = []
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import ForeignKey, String, select
@@ -20,6 +22,8 @@ from ._postgres import PostgresServer, skip_reason
 REQUIRE_POSTGRES = os.environ.get("MIDDLEWARE_SESSIONS_REQUIRE_POSTGRES") == "1"
 
 AnyDatabase = Database | AsyncDatabase
+# The ``client`` fixture: an in-process HTTP client for an app.
+Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 class Base(DeclarativeBase):
@@ -113,6 +117,20 @@ async def committed_names(db: AnyDatabase) -> set[str]:
 def checked_out(db: AnyDatabase) -> int:
     """Connections currently checked out of the database's pool."""
     return db.engine.pool.checkedout()  # type: ignore[attr-defined, no-any-return]
+
+
+async def poll_until(predicate: Callable[[], bool], attempts: int = 1000) -> None:
+    """Check ``predicate`` every 10 ms, for at most ``attempts`` times; fail if it never holds.
+
+    For what finishes in the background (tasks running out, sessions closing):
+    the test waits for it, not for a guessed delay. ``attempts`` only bounds a
+    hang, so it can be generous.
+    """
+    for _ in range(attempts):
+        if predicate():
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"still not true after {attempts} attempts")
 
 
 @contextmanager

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
@@ -13,9 +12,7 @@ from sqlalchemy import select
 
 from middleware_sessions import AsyncDatabase
 
-from .helpers import AnyDatabase, Item, checked_out, committed_names, make_app
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
+from .helpers import AnyDatabase, Client, Item, checked_out, committed_names, make_app
 
 
 def add_in_background(app: FastAPI, db: AnyDatabase, *, parent_id: int | None = None) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -19,6 +17,7 @@ from middleware_sessions import AsyncDatabase
 
 from .helpers import (
     AnyDatabase,
+    Client,
     Item,
     add_item,
     add_orphan,
@@ -28,29 +27,47 @@ from .helpers import (
     route,
 )
 
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
+class CancelAtPoint:
+    """Cancels the request once the route reaches ``point``, as a server's timeout would.
 
-class TimeoutMiddleware:
-    """Cancels the request after ``seconds`` and answers 504 if nothing was sent yet."""
+    Answers 504 if nothing was sent yet. The route sets ``point`` (see ``reach``)
+    where the cancellation should land, so it lands there however slow the
+    machine is.
+    """
 
-    def __init__(self, app: ASGIApp, seconds: float) -> None:
-        self.app, self.seconds = app, seconds
+    def __init__(self, app: ASGIApp, point: anyio.Event) -> None:
+        self.app, self.point = app, point
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
+        started = finished = False
 
         async def send_wrapper(message: Message) -> None:
             nonlocal started
             started = True
             await send(message)
 
-        with anyio.move_on_after(self.seconds):
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_at_point() -> None:
+                await self.point.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(cancel_at_point)
             await self.app(scope, receive, send_wrapper)
-            return
-        if not started:
+            finished = True
+            tg.cancel_scope.cancel()
+        if not finished and not started:
             await send({"type": "http.response.start", "status": 504, "headers": []})
             await send({"type": "http.response.body", "body": b"timeout"})
+
+
+def reach(point: anyio.Event) -> None:
+    """Set ``point`` from a route's sync work: in a worker thread, or on the event loop."""
+    try:
+        anyio.from_thread.run_sync(point.set)
+    except RuntimeError:  # AsyncSession.run_sync: already on the event loop's thread
+        point.set()
 
 
 def slow_query(session: Session) -> None:
@@ -66,10 +83,14 @@ def slow_query(session: Session) -> None:
         )
 
 
-def write_then_query(session: Session, name: str) -> dict[str, Any]:
-    result = add_item(session, name)
-    slow_query(session)
-    return result
+def write_then_query(point: anyio.Event) -> Callable[[Session, str], dict[str, Any]]:
+    def work(session: Session, name: str) -> dict[str, Any]:
+        result = add_item(session, name)
+        reach(point)  # the cancellation is delivered while the slow query runs
+        slow_query(session)
+        return result
+
+    return work
 
 
 async def test_request_cancelled_mid_query_leaks_nothing(
@@ -82,17 +103,19 @@ async def test_request_cancelled_mid_query_leaks_nothing(
             "event loop's shutdown (aiosqlite 0.22 close-after-stop)"
         )
     app = make_app(database)
-    route(app, database, "/items", write_then_query, status_code=201)
-    app.add_middleware(TimeoutMiddleware, seconds=0.2)
+    point = anyio.Event()
+    route(app, database, "/items", write_then_query(point), status_code=201)
+    app.add_middleware(CancelAtPoint, point=point)
 
     response = await client(app).post("/items", params={"name": "cancelled"})
 
     assert response.status_code == 504
     assert await committed_names(database) == set()
     assert checked_out(database) == 0
-    # The pool still works afterwards.
-    route(app, database, "/ok", add_item, status_code=201)
-    assert (await client(app).post("/ok", params={"name": "after"})).status_code == 201
+    # The pool still works afterwards (for an app that cancels nothing).
+    plain = make_app(database)
+    route(plain, database, "/ok", add_item, status_code=201)
+    assert (await client(plain).post("/ok", params={"name": "after"})).status_code == 201
     assert await committed_names(database) == {"after"}
 
 
@@ -101,6 +124,7 @@ async def test_request_cancelled_between_statements_rolls_back(
 ) -> None:
     db = database
     app = make_app(db)
+    flushed = anyio.Event()
     if isinstance(db, AsyncDatabase):
         adb = db
 
@@ -108,7 +132,8 @@ async def test_request_cancelled_between_statements_rolls_back(
         async def create_async() -> None:
             adb.session.add(Item(name="cancelled"))
             await adb.session.flush()
-            await anyio.sleep(5)
+            flushed.set()
+            await anyio.sleep_forever()
 
     else:
         sdb = db
@@ -117,9 +142,10 @@ async def test_request_cancelled_between_statements_rolls_back(
         def create_sync() -> None:
             sdb.session.add(Item(name="cancelled"))
             sdb.session.flush()
-            time.sleep(0.5)  # a thread cannot be cancelled: the request ends when it returns
+            # A thread cannot be cancelled: the cancellation lands once it returns.
+            reach(flushed)
 
-    app.add_middleware(TimeoutMiddleware, seconds=0.2)
+    app.add_middleware(CancelAtPoint, point=flushed)
 
     assert (await client(app).post("/items")).status_code == 504
     assert await committed_names(db) == set()
@@ -134,7 +160,7 @@ async def test_client_disconnect_mid_stream_returns_the_connection(database: Any
     async def body() -> AsyncIterator[bytes]:
         yield b"first"
         streamed.set()
-        await anyio.sleep(10)
+        await anyio.sleep_forever()
         yield b"never"
 
     @app.get("/stream")
@@ -165,7 +191,7 @@ async def test_client_disconnect_mid_stream_returns_the_connection(database: Any
         "server": ("test", 80),
         "client": ("127.0.0.1", 1),
     }
-    with anyio.fail_after(5):
+    with anyio.fail_after(30):  # only a hang: the disconnect ends the stream
         await app(scope, receive, send)
 
     assert sent[0]["status"] == 200

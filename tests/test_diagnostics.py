@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import HTTPException
 from sqlalchemy import select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
@@ -28,15 +28,15 @@ from middleware_sessions import (
 from .helpers import (
     AnyDatabase,
     Base,
+    Client,
     Item,
     add_item,
     checked_out,
     committed_names,
     make_app,
+    poll_until,
     route,
 )
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 def sqlite_database(cls: type[AnyDatabase], path: Path, **options: Any) -> AnyDatabase:
@@ -48,18 +48,19 @@ def sqlite_database(cls: type[AnyDatabase], path: Path, **options: Any) -> AnyDa
 
 
 async def test_request_session_used_by_gathered_tasks_names_the_mistake(
-    make_database: Callable[..., AnyDatabase],
+    async_database: AsyncDatabase,
 ) -> None:
-    db = make_database()
-    if not isinstance(db, AsyncDatabase):
-        pytest.skip("asyncio.gather over one AsyncSession is the async case")
-    adb = db
+    adb = async_database
     app = make_app(adb)
+    finished: list[None] = []
 
     @app.get("/gather")
     async def gather() -> None:
         async def read() -> None:
-            await adb.session.execute(select(Item))
+            try:
+                await adb.session.execute(select(Item))
+            finally:
+                finished.append(None)
 
         await asyncio.gather(read(), read(), read())
 
@@ -70,31 +71,33 @@ async def test_request_session_used_by_gathered_tasks_names_the_mistake(
 
     assert "GET /gather" in str(info.value)
     assert info.value.__cause__ is not None
-    await asyncio.sleep(0.2)  # the siblings gather didn't cancel run out
+    # asyncio.gather doesn't cancel the siblings of a failed task: they run out.
+    await poll_until(lambda: len(finished) == 3)
     assert checked_out(adb) == 0
 
 
 async def test_concurrent_use_becomes_a_500_for_the_client(
-    make_database: Callable[..., AnyDatabase], client: Client
+    async_database: AsyncDatabase, client: Client
 ) -> None:
-    db = make_database()
-    if not isinstance(db, AsyncDatabase):
-        pytest.skip("asyncio.gather over one AsyncSession is the async case")
-    adb = db
+    adb = async_database
     app = make_app(adb)
+    finished: list[None] = []
 
     @app.post("/gather")
     async def gather() -> None:
         async def write(n: int) -> None:
-            adb.session.add(Item(name=f"g{n}"))
-            await adb.session.flush()
+            try:
+                adb.session.add(Item(name=f"g{n}"))
+                await adb.session.flush()
+            finally:
+                finished.append(None)
 
         await asyncio.gather(*(write(n) for n in range(3)))
 
     assert (await client(app).post("/gather")).status_code == 500
-    # asyncio.gather doesn't cancel the siblings of a failed task: let them run out,
-    # then start from a fresh pool (a sibling may have been cut off mid-statement).
-    await asyncio.sleep(0.2)
+    # asyncio.gather doesn't cancel the siblings of a failed task: wait till they ran
+    # out, then start from a fresh pool (a sibling may have been cut off mid-statement).
+    await poll_until(lambda: len(finished) == 3)
     assert checked_out(adb) == 0
     await adb.engine.dispose()
     assert await committed_names(adb) == set()

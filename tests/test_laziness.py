@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import httpx
-from fastapi import FastAPI
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from middleware_sessions import AsyncDatabase
 
-from .helpers import AnyDatabase, Item, checked_out, make_app, route
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
+from .helpers import AnyDatabase, Client, Item, checked_out, make_app, route
 
 
 def count_checkouts(db: AnyDatabase) -> list[object]:

@@ -8,17 +8,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
-import httpx
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, Request
+from fastapi import BackgroundTasks, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
 from middleware_sessions import AsyncDatabase, DBSessionMiddleware, MissingSessionError
 
-from .helpers import AnyDatabase, Item, checked_out, committed_names, make_app
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
+from .helpers import AnyDatabase, Client, Item, checked_out, committed_names, make_app
 
 
 async def test_same_session_in_dependency_route_handler_stream_and_background(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -15,13 +14,12 @@ from middleware_sessions import AsyncDatabase, Database
 from middleware_sessions.testing import async_outer_transaction, outer_transaction
 
 from ._postgres import PostgresServer
-from .helpers import make_app
+from .helpers import Client, make_app
 
 sqlmodel = pytest.importorskip("sqlmodel")
 from sqlmodel import Field, Session, SQLModel, create_engine, select  # noqa: E402
 from sqlmodel.ext.asyncio.session import AsyncSession  # noqa: E402
 
-Client = Callable[[FastAPI], httpx.AsyncClient]
 _names = (f"sqlmodel{n}" for n in itertools.count())
 
 

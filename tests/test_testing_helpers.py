@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import create_engine, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -19,6 +16,7 @@ from middleware_sessions.testing import async_outer_transaction, outer_transacti
 from .helpers import (
     AnyDatabase,
     Base,
+    Client,
     Item,
     add_item,
     checked_out,
@@ -26,8 +24,6 @@ from .helpers import (
     make_app,
     route,
 )
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 async def test_everything_inside_the_outer_transaction_is_rolled_back(

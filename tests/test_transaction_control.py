@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import APIRouter, FastAPI, HTTPException
 from sqlalchemy import event, select
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
 from middleware_sessions import (
@@ -20,9 +21,16 @@ from middleware_sessions import (
     transaction_policy,
 )
 
-from .helpers import AnyDatabase, Item, add_item, checked_out, committed_names, make_app, route
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
+from .helpers import (
+    AnyDatabase,
+    Client,
+    Item,
+    add_item,
+    checked_out,
+    committed_names,
+    make_app,
+    route,
+)
 
 
 def endpoint(db: AnyDatabase, work: Callable[[Session, str], Any]) -> Callable[..., Any]:
@@ -453,3 +461,33 @@ def test_commit_on_must_be_callable_or_none() -> None:
     with pytest.raises(TypeError, match="or None to never commit"):
         DBSessionMiddleware(FastAPI(), db=db, commit_on=400)  # type: ignore[arg-type]
     assert DBSessionMiddleware(FastAPI(), db=db, commit_on=None).commit_on is None
+
+
+def failing_query_hook() -> None:
+    """A hook whose query fails with its SQL text and a value in the error."""
+    raise ProgrammingError(
+        "UPDATE items SET name = 'S3NT1NEL-hook' WHERE id = 1",
+        {"name": "S3NT1NEL-param"},
+        ValueError('invalid input value "S3NT1NEL-orig"'),
+    )
+
+
+@pytest.mark.parametrize("redact_errors", [True, False])
+async def test_a_failing_hooks_database_error_is_logged_without_data(
+    tmp_path: Path, client: Client, caplog: pytest.LogCaptureFixture, redact_errors: bool
+) -> None:
+    db = AsyncDatabase(f"sqlite+aiosqlite:///{tmp_path}/hooks.db")
+    app = make_app(db, redact_errors=redact_errors)
+
+    @app.post("/hooked")
+    async def hooked() -> None:
+        db.on_commit(failing_query_hook)
+
+    with caplog.at_level(logging.ERROR, logger="middleware_sessions"):
+        assert (await client(app).post("/hooked")).status_code == 200
+
+    [record] = [r for r in caplog.records if "transaction hook" in r.getMessage()]
+    logged = logging.Formatter().format(record)
+    assert "ProgrammingError" in logged
+    assert ("S3NT1NEL" in logged) is not redact_errors
+    await db.engine.dispose()

@@ -7,13 +7,14 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from .helpers import (
     AnyDatabase,
+    Client,
     add_item,
     add_orphan,
     checked_out,
@@ -21,8 +22,6 @@ from .helpers import (
     make_app,
     route,
 )
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
 
 def add_then_fail(status: int) -> Callable[[Session, str], Any]:

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpx
-from fastapi import FastAPI, HTTPException
+from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
 from .helpers import (
     AnyDatabase,
+    Client,
     add_item,
     add_orphan,
     checked_out,
@@ -20,8 +20,6 @@ from .helpers import (
     make_app,
     route,
 )
-
-Client = Callable[[FastAPI], httpx.AsyncClient]
 
 REQUESTS = 400
 CONCURRENCY = 40

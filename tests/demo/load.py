@@ -6,7 +6,7 @@ import csv
 import io
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,12 +153,3 @@ class TransferLoad:
         assert final == expected
         assert sum(final.values()) == sum(initial.values())
         assert min(final.values()) >= 0
-
-
-async def poll_until(predicate: Callable[[], bool], attempts: int = 1000) -> None:
-    """Check ``predicate`` every 10 ms, for at most ``attempts`` times."""
-    for _ in range(attempts):
-        if predicate():
-            return
-        await anyio.sleep(0.01)
-    raise AssertionError(f"still not true after {attempts} attempts")

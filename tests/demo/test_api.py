@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from ..helpers import poll_until
 from .conftest import DemoServer, LedgerDatabase
-from .load import all_pages, balances, export, open_accounts, poll_until
+from .load import all_pages, balances, export, open_accounts
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,9 @@ import anyio
 import httpx
 import pytest
 
+from ..helpers import poll_until
 from .conftest import DemoServer, LedgerDatabase
-from .load import TransferLoad, all_pages, balances, export, open_accounts, poll_until
+from .load import TransferLoad, all_pages, balances, export, open_accounts
 
 pytestmark = pytest.mark.anyio
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
@@ -36,6 +37,7 @@ from .faultapp import (
     create_schema,
     make_database,
 )
+from .load import NO_LEAKS, wait_for_no_leaks
 from .report import write as write_report
 
 RELIABILITY = os.environ.get("MIDDLEWARE_SESSIONS_RELIABILITY") == "1"
@@ -142,6 +144,22 @@ class InProcess:
     def checked_out(self) -> int:
         return checked_out(self.db)
 
+    async def assert_no_leaks(self, figures: dict[str, Any]) -> None:
+        """Nothing left behind by this app's requests: see ``assert_no_leaks``."""
+        await assert_no_leaks(self.checked_out, self.tracker, figures)
+
+
+async def assert_no_leaks(
+    checked_out: Callable[[], int], tracker: SessionTracker, figures: dict[str, Any]
+) -> None:
+    """No connection checked out, no session or transaction open, once cleanup has finished.
+
+    What was found goes into ``figures["leaks"]`` (and so into the report) first.
+    """
+    found = await wait_for_no_leaks(checked_out, tracker)
+    figures["leaks"] = found
+    assert found == NO_LEAKS
+
 
 @pytest.fixture
 async def in_process(pg_database: PgDatabase) -> AsyncIterator[Callable[..., InProcess]]:
@@ -193,6 +211,27 @@ async def loop_errors() -> AsyncIterator[list[str]]:
         await asyncio.sleep(0)
     finally:
         loop.set_exception_handler(previous)
+
+
+async def until_no_statement_runs(
+    admin: psycopg.Connection[Any], database: str, seconds: float = 30
+) -> None:
+    """Wait until no backend of ``database`` is running a statement.
+
+    Whatever a client gave up on (a COMMIT the server carries out regardless,
+    say) is then over: what the database holds is final. ``seconds`` only bounds
+    a hang.
+    """
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = %s AND state = 'active' AND pid <> pg_backend_pid()"
+    )
+    with anyio.fail_after(seconds):
+        while True:
+            row = admin.execute(query, (database,)).fetchone()
+            if row is not None and row[0] == 0:
+                return
+            await anyio.sleep(0.01)
 
 
 def only_lost_connections(errors: list[str]) -> bool:

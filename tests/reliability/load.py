@@ -91,7 +91,7 @@ def leaks(checked_out: Callable[[], int], tracker: SessionTracker) -> dict[str, 
 
 
 async def wait_for_no_leaks(
-    checked_out: Callable[[], int], tracker: SessionTracker, seconds: float = 5
+    checked_out: Callable[[], int], tracker: SessionTracker, seconds: float = 10
 ) -> dict[str, int]:
     """Leaks once cleanup had a moment to finish (closing runs after the response)."""
     for _ in range(int(seconds / 0.02)):

@@ -15,7 +15,9 @@ CREDENTIALS = (_server.password, _server.superuser_password)
 SQL_TEXT = re.compile(r"\[SQL: |INSERT INTO writes|UPDATE counters|RETURNING writes")
 # Values the fault app binds as parameters, and server messages that echo values.
 # (Tracebacks quote source lines too: ``f"token-{key}"`` is code, not a value.)
-BOUND_VALUES = re.compile(r"token-[A-Za-z0-9]|DETAIL:\s+Key \(|invalid input for query argument")
+BOUND_VALUES = re.compile(
+    r"token-[A-Za-z0-9]|DETAIL:\s+Key \(|invalid input for query argument \$\d+: '"
+)
 # Anything that tells a client which database or driver sits behind the API.
 INTERNALS = re.compile(r"Traceback|sqlalchemy|asyncpg|psycopg|postgres", re.IGNORECASE)
 

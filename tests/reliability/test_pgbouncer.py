@@ -28,9 +28,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from .._postgres import Driver, PostgresServer
 from ..helpers import REQUIRE_POSTGRES
 from ._pgbouncer import PgBouncer, pgbouncer_skip_reason
-from .conftest import dispose
+from .conftest import assert_no_leaks, dispose
 from .faultapp import build_app, checked_out, create_schema, make_database
-from .load import NO_LEAKS, Outcomes, post_write, truth, wait_for_no_leaks
+from .load import Outcomes, post_write, truth
 
 pytestmark = pytest.mark.postgres
 
@@ -240,8 +240,7 @@ async def test_truth_through_pgbouncer(
 
     sync_url = postgres_server.url("psycopg", database=bounced_database)
     check = truth(sync_url, outcomes)
-    found = await wait_for_no_leaks(lambda: checked_out(db), tracker)
-    figures.update(requests=300, statuses=outcomes.counts(), leaks=found)
+    figures.update(requests=300, statuses=outcomes.counts())
     expected = {"ok": 201, "reject": 409, "crash": 500, "commit": 500, "dup": 500}
     assert all(outcomes.statuses[f"p{n}"] == expected[MIX[n % len(MIX)]] for n in range(300)), (
         outcomes.counts()
@@ -250,4 +249,4 @@ async def test_truth_through_pgbouncer(
     assert check.refused_present == set()
     assert check.failed_present == set()
     assert check.unexplained == set()
-    assert found == NO_LEAKS
+    await assert_no_leaks(lambda: checked_out(db), tracker, figures)

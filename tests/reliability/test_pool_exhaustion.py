@@ -14,25 +14,29 @@ timeout has usually fired long before 30 s.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
-import httpx
+import psycopg
 import pytest
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import text
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
 
+from .._postgres import PostgresServer
 from .conftest import FLAVOURS, InProcess, PgDatabase
-from .load import NO_LEAKS, Outcomes, truth, wait_for_no_leaks
+from .faultapp import add_work_route, write
+from .load import Outcomes, truth
 
 pytestmark = pytest.mark.postgres
 
 POOL = {"pool_size": 2, "max_overflow": 1, "pool_timeout": 0.5}
 CAPACITY = 3
 REQUESTS = 12
-QUERY = 2.0  # seconds each request spends in the database: longer than pool_timeout
+GATE = 4242  # the advisory lock the test holds and the held requests wait for
 
 
 async def pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
@@ -44,19 +48,65 @@ async def pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def burst(client: httpx.AsyncClient, n: int, sleep: float) -> Outcomes:
+def held_write(session: Session, params: dict[str, Any]) -> dict[str, Any]:
+    """Write the row, then wait inside the database until the test opens the gate."""
+    write(session, params)
+    session.execute(text("SELECT pg_advisory_xact_lock_shared(:gate)"), {"gate": GATE})
+    return {"key": params["key"]}
+
+
+class Gate:
+    """An advisory lock the test holds: ``held_write`` requests keep their connection till it opens."""
+
+    def __init__(self, dsn: str) -> None:
+        self.connection = psycopg.connect(dsn, autocommit=True)
+        self.connection.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+
+    def open(self) -> None:
+        self.connection.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+
+
+@pytest.fixture
+def gate(postgres_server: PostgresServer, pg_database: PgDatabase) -> Iterator[Gate]:
+    """A closed gate on ``pg_database`` (advisory locks belong to one database)."""
+    dsn = postgres_server.superuser_url("psycopg", pg_database.name)
+    gate = Gate(dsn.replace("postgresql+psycopg", "postgresql"))
+    try:
+        yield gate
+    finally:
+        gate.connection.close()  # opens it too, whatever happened
+
+
+async def held_burst(subject: InProcess, gate: Gate, n: int) -> Outcomes:
+    """``n`` concurrent held writes; the gate opens once all but CAPACITY were answered.
+
+    The CAPACITY requests that got a connection keep it until the gate opens, so
+    every other request must be refused by the pool, without a connection ever
+    coming free: the order proves it, no clock involved.
+    """
+    add_work_route(subject.app, subject.db, "/held", held_write)
     outcomes = Outcomes()
+    all_but_capacity_answered = anyio.Event()
 
     async def one(key: str) -> None:
         started = time.monotonic()
-        response = await client.post("/writes", params={"key": key, "sleep": sleep})
+        response = await subject.client.post("/held", params={"key": key})
         outcomes.record(key, response, started)
+        if len(outcomes.statuses) == n - CAPACITY:
+            all_but_capacity_answered.set()
 
-    with anyio.fail_after(30):  # a deadlock would hang here
+    with anyio.fail_after(30):  # a request that waited instead of failing would hang here
         async with anyio.create_task_group() as tg:
             for i in range(n):
                 tg.start_soon(one, f"b{i}")
+            await all_but_capacity_answered.wait()
+            gate.open()
     return outcomes
+
+
+def answered_before_the_gate_opened(outcomes: Outcomes, n: int) -> list[int]:
+    """The statuses of the first ``n - CAPACITY`` answers, in the order they came."""
+    return [status for _, _, status, _ in outcomes.timeline[: n - CAPACITY]]
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -66,50 +116,62 @@ async def test_requests_beyond_the_pool_wait_within_pool_timeout(
     flavour: str,
     figures: dict[str, Any],
 ) -> None:
-    """9 requests of 0.3 s on 3 connections with pool_timeout=3: all wait their turn and succeed."""
-    subject = in_process(flavour, {**POOL, "pool_timeout": 3})
-    outcomes = await burst(subject.client, 9, 0.3)
+    """9 requests of 0.3 s on 3 connections with a long pool_timeout: all wait and succeed."""
+    subject = in_process(flavour, {**POOL, "pool_timeout": 30})
+    outcomes = Outcomes()
 
-    found = await wait_for_no_leaks(subject.checked_out, subject.tracker)
+    async def one(key: str) -> None:
+        started = time.monotonic()
+        response = await subject.client.post("/writes", params={"key": key, "sleep": 0.3})
+        outcomes.record(key, response, started)
+
+    with anyio.fail_after(60):  # a deadlock would hang here
+        async with anyio.create_task_group() as tg:
+            for i in range(9):
+                tg.start_soon(one, f"w{i}")
+
+    first_start = min(started for started, _, _, _ in outcomes.timeline)
+    last_end = max(started + took for started, took, _, _ in outcomes.timeline)
     figures.update(
         requests=9, statuses=outcomes.counts(), max_latency_s=round(outcomes.max_latency, 2)
     )
-    figures["leaks"] = found
     assert set(outcomes.statuses.values()) == {201}
-    assert 0.8 < outcomes.max_latency < 3  # three rounds of 0.3 s, no timeout
+    # 9 requests holding a connection 0.3 s each on 3 connections: at least three
+    # rounds, so they did queue (a bound that a busy machine only makes safer).
+    assert last_end - first_start >= 3 * 0.3
     assert truth(pg_database.sync_url, outcomes).acknowledged_missing == set()
-    assert found == NO_LEAKS
+    await subject.assert_no_leaks(figures)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 async def test_pool_exhaustion_fails_fast_with_503_through_an_app_handler(
     in_process: Callable[..., InProcess],
     pg_database: PgDatabase,
+    gate: Gate,
     flavour: str,
     figures: dict[str, Any],
 ) -> None:
-    """12 requests of 2 s on 3 connections, pool_timeout=0.5: 3 succeed, 9 get 503 after 0.5 s."""
+    """12 requests on 3 held connections, pool_timeout=0.5: 9 get 503 while 3 still hold."""
     subject = in_process(flavour, POOL)
     subject.app.add_exception_handler(PoolTimeout, pool_exhausted)
-    outcomes = await burst(subject.client, REQUESTS, QUERY)
+    outcomes = await held_burst(subject, gate, REQUESTS)
 
-    found = await wait_for_no_leaks(subject.checked_out, subject.tracker)
     check = truth(pg_database.sync_url, outcomes)
     refused = [seconds for _, seconds, status, _ in outcomes.timeline if status == 503]
     figures.update(
         requests=REQUESTS,
         faults=f"{REQUESTS - CAPACITY} requests over capacity",
         statuses=outcomes.counts(),
-        max_wait_before_503_s=round(max(refused), 2),
-        leaks=found,
+        max_wait_before_503_s=round(max(refused, default=0), 2),
     )
     assert outcomes.counts() == {"201": CAPACITY, "503": REQUESTS - CAPACITY}
-    # Failed after pool_timeout (0.5 s), not after queueing behind a 2 s query.
-    assert max(refused) < QUERY - 0.5
+    # Refused while every connection was still held: failed after pool_timeout,
+    # not after queueing behind a held request.
+    assert answered_before_the_gate_opened(outcomes, REQUESTS) == [503] * (REQUESTS - CAPACITY)
     assert all(r.headers["retry-after"] == "1" for r in outcomes.errors.values())
     assert check.acknowledged_missing == set()
     assert check.failed_present == set()
-    assert found == NO_LEAKS
+    await subject.assert_no_leaks(figures)
     # The pool is whole again.
     assert (await subject.client.post("/writes", params={"key": "after"})).status_code == 201
 
@@ -118,18 +180,18 @@ async def test_pool_exhaustion_fails_fast_with_503_through_an_app_handler(
 async def test_pool_exhaustion_is_a_503_with_retry_after_without_any_handler(
     in_process: Callable[..., InProcess],
     pg_database: PgDatabase,
+    gate: Gate,
     flavour: str,
     figures: dict[str, Any],
 ) -> None:
     """The middleware's own answer to an exhausted pool: 503 and Retry-After, nothing written."""
     subject = in_process(flavour, POOL)
-    outcomes = await burst(subject.client, 6, QUERY)
+    outcomes = await held_burst(subject, gate, 6)
     figures.update(requests=6, faults=6 - CAPACITY, statuses=outcomes.counts())
 
     refused = list(outcomes.errors.values())
     assert len(refused) == 6 - CAPACITY
+    assert answered_before_the_gate_opened(outcomes, 6) == [503] * (6 - CAPACITY)
     assert all(r.status_code == 503 and "retry-after" in r.headers for r in refused)
     assert truth(pg_database.sync_url, outcomes).failed_present == set()
-    found = await wait_for_no_leaks(subject.checked_out, subject.tracker)
-    figures["leaks"] = found
-    assert found == NO_LEAKS
+    await subject.assert_no_leaks(figures)
