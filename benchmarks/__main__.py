@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import apps, backends, ceiling, httpbench, inprocess, memory, report
+from . import apps, backends, ceiling, httpbench, inprocess, memory, replicas, report
 from .inprocess import Cell, Settings
 
 
@@ -21,6 +21,8 @@ class Plan:
     http: httpbench.Settings
     ceiling_window: float
     memory_requests: int
+    replica_rounds: int = 8
+    replica_window: float = 0.5
 
 
 FULL = Plan(
@@ -36,6 +38,8 @@ QUICK = Plan(
     http=httpbench.Settings(rounds=1, warm=0.05, window=0.1),
     ceiling_window=0.4,
     memory_requests=1_000,
+    replica_rounds=2,
+    replica_window=0.2,
 )
 SQLITE_POOL = {"pool_size": 1, "max_overflow": 0}
 POSTGRES_POOL = {"pool_size": 32, "max_overflow": 0}
@@ -191,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"({key}) {0 if fraction is None else fraction:.0%} of 500 req/s"
                         + (f", {failed} failed" if failed else "")
                     )
+
+    if not args.no_postgres:
+        _say("5. read replicas (a primary and a streaming replica)")
+        measured = replicas.run(plan.replica_rounds, window=plan.replica_window)
+        lines = [f"Replicas: {measured}"] if isinstance(measured, str) else measured.lines()
+        for line in lines:
+            _say(line)
+        results.notes += lines
 
     if args.no_memory:
         results.memory_skipped = "--no-memory"

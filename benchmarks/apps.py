@@ -62,6 +62,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("e", "(e) fastapi-async-sqlalchemy", True, "fastapi-async-sqlalchemy"),
         Variant("f", "(f) ours, AsyncDatabase", True),
         Variant("g", "(g) ours, Database + def route", False),
+        Variant("hd", "(h) ours, fastapi-sqlalchemy compat (sync)", False),
+        Variant("he", "(h) ours, fastapi-async-sqlalchemy compat", True),
         Variant("ia", "(i) hand-written async floor", True),
         Variant("is", "(i) hand-written sync floor", False),
     )
@@ -264,6 +266,60 @@ def app_g(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
     return app
 
 
+# -- (h) ours behind the peers' APIs: one changed import from (d) and (e) -------------
+
+
+def app_hd(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
+    # Like (d), a module-wide db: one (hd) app per process at a time.
+    from middleware_sessions.compat.fastapi_sqlalchemy import DBSessionMiddleware as Compat
+    from middleware_sessions.compat.fastapi_sqlalchemy import db
+
+    app = FastAPI()
+    app.add_middleware(Compat, custom_engine=sync_engine, commit_on_exit=True)
+    _ping_routes(app)
+
+    @app.get("/items/{item_id}")
+    def read(item_id: int) -> dict[str, Any]:
+        item = db.session.get(Item, item_id)
+        assert item is not None
+        return _out(item)
+
+    @app.post("/items", status_code=201)
+    def create(body: ItemIn) -> dict[str, Any]:
+        item = Item(name=body.name)
+        db.session.add(item)
+        db.session.flush()
+        return _out(item)
+
+    return app
+
+
+def app_he(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
+    from middleware_sessions.compat.fastapi_async_sqlalchemy import (
+        create_middleware_and_session_proxy,
+    )
+
+    compat_middleware, db = create_middleware_and_session_proxy()
+    app = FastAPI()
+    app.add_middleware(compat_middleware, custom_engine=async_engine, commit_on_exit=True)
+    _ping_routes(app)
+
+    @app.get("/items/{item_id}")
+    async def read(item_id: int) -> dict[str, Any]:
+        item = await db.session.get(Item, item_id)
+        assert item is not None
+        return _out(item)
+
+    @app.post("/items", status_code=201)
+    async def create(body: ItemIn) -> dict[str, Any]:
+        item = Item(name=body.name)
+        db.session.add(item)
+        await db.session.flush()
+        return _out(item)
+
+    return app
+
+
 # -- (i) hand-written floors: the session managed inside the route ---------------------
 
 
@@ -321,6 +377,8 @@ BUILDERS: dict[str, Callable[[AsyncEngine, Engine], FastAPI]] = {
     "e": app_e,
     "f": app_f,
     "g": app_g,
+    "hd": app_hd,
+    "he": app_he,
     "ia": app_ia,
     "is": app_is,
 }

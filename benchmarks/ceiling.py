@@ -9,12 +9,13 @@ every moment it holds a connection without using it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI
 from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware
 
@@ -27,8 +28,10 @@ CLIENTS = 64
 CEILING = POOL_SIZE / SLEEP
 # A request that cannot get a connection fails after this long instead of 30 s.
 POOL = {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": 2}
-VARIANTS = ("b", "f", "g", "ia", "f0")
-# Beyond the three the issue asks for: the hand-written floor, and ours without
+VARIANTS = ("b", "f", "g", "c", "is", "ia", "f0")
+# Beyond the three the issue asks for: the sync ones beside ours, (c) `Depends` on
+# a sync generator and (is) the hand-written sync floor, both on plain `def` routes
+# and AnyIO's default thread limiter; the async hand-written floor; and ours without
 # pool_pre_ping, which shows what the default pre-ping costs here.
 LABELS = {"f0": "(f) ours, AsyncDatabase, pool_pre_ping=False"}
 _SQL = text(f"SELECT pg_sleep({SLEEP})")
@@ -77,6 +80,36 @@ def _app_g(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
     return app
 
 
+def _app_c(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
+    factory = sessionmaker(sync_engine)
+
+    def get_db() -> Iterator[Session]:
+        with factory() as session:
+            yield session
+
+    app = FastAPI()
+
+    @app.get("/slow")
+    def slow(session: Session = Depends(get_db)) -> dict[str, bool]:
+        session.execute(_SQL)
+        return {"ok": True}
+
+    return app
+
+
+def _app_is(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
+    factory = sessionmaker(sync_engine)
+    app = FastAPI()
+
+    @app.get("/slow")
+    def slow() -> dict[str, bool]:
+        with factory() as session, session.begin():
+            session.execute(_SQL)
+        return {"ok": True}
+
+    return app
+
+
 def _app_ia(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
     factory = async_sessionmaker(async_engine, expire_on_commit=False)
     app = FastAPI()
@@ -90,7 +123,15 @@ def _app_ia(async_engine: AsyncEngine, sync_engine: Engine) -> FastAPI:
     return app
 
 
-_BUILDERS = {"b": _app_b, "f": _app_f, "g": _app_g, "ia": _app_ia, "f0": _app_f}
+_BUILDERS = {
+    "b": _app_b,
+    "f": _app_f,
+    "g": _app_g,
+    "c": _app_c,
+    "is": _app_is,
+    "ia": _app_ia,
+    "f0": _app_f,
+}
 
 
 @dataclass
@@ -98,6 +139,13 @@ class CeilingResult:
     rates: dict[str, list[float]] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     log_records: dict[str, int] = field(default_factory=dict)
+
+    def ratio(self, num: str, den: str) -> float | None:
+        """Mean rate of ``num`` over mean rate of ``den``, measured side by side."""
+        a, b = self.fraction(num), self.fraction(den)
+        if a is None or not b:
+            return None
+        return a / b
 
     def fraction(self, variant: str) -> float | None:
         values = self.rates.get(variant)

@@ -23,8 +23,8 @@ ENDPOINT_TITLES = {
     "read": f"GET /items/{apps.READ_ID} (primary-key read)",
     "insert": "POST /items (single-row insert)",
 }
-UNTOUCHED_VARIANTS = ("a", "d", "e", "f", "g")
-DB_VARIANTS = ("a", "b", "c", "d", "e", "f", "g", "ia", "is")
+UNTOUCHED_VARIANTS = ("a", "d", "e", "f", "g", "hd", "he")
+DB_VARIANTS = ("a", "b", "c", "d", "e", "f", "g", "hd", "he", "ia", "is")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ def machine(results: Results) -> list[tuple[str, str]]:
 
 _UNTOUCHED = (("a", 0.97), ("d", 3.0), ("e", 1.5))
 _DB = {"f": (("ia", 0.97), ("b", 1.0), ("e", 1.1)), "g": (("is", 0.97), ("c", 1.1), ("d", 1.0))}
+# The compat layers cost nothing over native use: (hd) against (g), (he) against (f).
+_COMPAT = (("hd", "g", 0.97), ("he", "f", 0.97))
 
 
 def targets(results: Results) -> list[Target]:
@@ -111,6 +113,8 @@ def targets(results: Results) -> list[Target]:
             for ours, pairs in _DB.items():
                 for den, threshold in pairs:
                     found.append(_target(cell, ours, den, threshold))
+        for compat, native, threshold in _COMPAT:
+            found.append(_target(cell, compat, native, threshold))
     if results.ceiling is not None:
         for variant in ("f", "g"):
             fraction = results.ceiling.fraction(variant)
@@ -129,6 +133,20 @@ def targets(results: Results) -> list[Target]:
                     note,
                 )
             )
+        # Sync routes at the ceiling keep up with async ones (issue 15).
+        ratio = results.ceiling.ratio("g", "f")
+        failed = {v: results.ceiling.failures.get(v, 0) for v in ("g", "f")}
+        found.append(
+            Target(
+                "(g) ≥ 0.9 x (f) at the ceiling",
+                "postgresql/pg_sleep/c64",
+                "g",
+                "f",
+                0.9,
+                None if ratio is None else Summary(ratio, ratio, ratio, 1),
+                ", ".join(f"({v}) had {n} failed requests" for v, n in failed.items() if n),
+            )
+        )
     return found
 
 

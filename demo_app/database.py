@@ -37,10 +37,21 @@ def isolation_options() -> dict[str, Any]:
 
 
 def make_database(url: str | None = None) -> AsyncDatabase:
-    """An ``AsyncDatabase`` for ``url``, else ``DATABASE_URL``, else the SQLite file."""
+    """An ``AsyncDatabase`` for ``url``, else ``DATABASE_URL``, else the SQLite file.
+
+    ``DATABASE_REPLICA_URLS`` (comma-separated PostgreSQL URLs) adds read replicas for
+    the read-only routes; ``DATABASE_REPLICA_SECRET`` lets every worker check the
+    others' read-your-writes cookies (see docs/replicas.md).
+    """
     url = url or os.environ.get("DATABASE_URL") or DEFAULT_URL
     if not url.startswith("sqlite"):
-        return AsyncDatabase(url, engine_options=isolation_options())
+        replicas = [u.strip() for u in os.environ.get("DATABASE_REPLICA_URLS", "").split(",")]
+        return AsyncDatabase(
+            url,
+            replicas=[u for u in replicas if u],
+            replica_secret=os.environ.get("DATABASE_REPLICA_SECRET") or None,
+            engine_options=isolation_options(),
+        )
     # SQLite has one writer at a time: concurrent transfers wait for the lock
     # (up to 30 s) instead of failing with "database is locked".
     options = {"connect_args": {"timeout": 30}, **isolation_options()}

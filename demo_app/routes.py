@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
+from middleware_sessions import transaction_policy
+
 from . import ledger
 from .database import pool_watch
 from .models import MAX_INTEGER
@@ -33,17 +35,20 @@ async def create_account(body: AccountIn) -> AccountOut:
 
 
 @router.get("/accounts")
+@transaction_policy(read_only=True)  # from a replica when there are some
 async def list_accounts(limit: Limit = 100, offset: Offset = 0) -> list[AccountOut]:
     accounts = await ledger.list_accounts(limit, offset)
     return [AccountOut.model_validate(account) for account in accounts]
 
 
 @router.get("/accounts/{account_id}", responses=_ERRORS)
+@transaction_policy(read_only=True)  # from a replica when there are some
 async def read_account(account_id: AccountId) -> AccountOut:
     return AccountOut.model_validate(await ledger.get_account(account_id))
 
 
 @router.get("/accounts/{account_id}/transfers", responses=_ERRORS)
+@transaction_policy(read_only=True)  # from a replica when there are some
 async def list_account_transfers(
     account_id: AccountId, limit: Limit = 100, offset: Offset = 0
 ) -> list[TransferOut]:
@@ -80,6 +85,7 @@ async def create_transfer(
 
 
 @router.get("/transfers")
+@transaction_policy(read_only=True)  # from a replica when there are some
 async def list_transfers(limit: Limit = 100, offset: Offset = 0) -> list[TransferOut]:
     transfers = await ledger.list_transfers(limit, offset)
     return [TransferOut.model_validate(transfer) for transfer in transfers]
@@ -97,6 +103,7 @@ async def export_transfers() -> StreamingResponse:
 
 
 @router.get("/transfers/{transfer_id}", responses={404: {"description": "Unknown transfer"}})
+@transaction_policy(read_only=True)  # from a replica when there are some
 async def read_transfer(transfer_id: TransferId) -> TransferOut:
     return TransferOut.model_validate(await ledger.get_transfer(transfer_id))
 

@@ -3,7 +3,12 @@
 from ._database import AsyncDatabase, Database
 from ._middleware import DBSessionMiddleware
 from ._policy import transaction_policy
-from .exceptions import BlockingSessionWarning, ConcurrentSessionError, MissingSessionError
+from .exceptions import (
+    BlockingSessionWarning,
+    ConcurrentSessionError,
+    MissingSessionError,
+    ReadOnlySessionError,
+)
 
 __all__ = [
     "AsyncDatabase",
@@ -12,6 +17,7 @@ __all__ = [
     "DBSessionMiddleware",
     "Database",
     "MissingSessionError",
+    "ReadOnlySessionError",
     "transaction_policy",
 ]
 __version__ = "0.1.0"

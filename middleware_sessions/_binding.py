@@ -16,6 +16,7 @@ from sqlalchemy import URL
 
 from ._config import check_driver, check_engine, engine_kwargs, resolve_url, safe_url
 from ._flavour import Flavour
+from ._replicas import Replicas, build_replicas
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Binding:
     url: URL | None
     owns_engine: bool
     session_options: Mapping[str, Any] = field(default_factory=dict)
+    replicas: Replicas | None = None  # read replicas, for read-only requests
 
     def describe(self, cls_name: str) -> str:
         """``Database('postgresql://u:***@host/db')``: never a password."""
@@ -43,6 +45,7 @@ def bind(
     engine: Any,
     engine_options: Mapping[str, Any] | None,
     session_options: Mapping[str, Any] | None,
+    replica_options: Mapping[str, Any] | None = None,
 ) -> Binding:
     """Validate the arguments and build a binding; raise ``ValueError`` before any change."""
     want_async = flavour.is_async
@@ -60,11 +63,18 @@ def bind(
     else:
         check_engine(engine, want_async=want_async, cls_name=cls_name)
     session_options = dict(session_options or {})
+    factory = flavour.sessionmaker(engine, session_options)
+    replicas = None
+    if replica_options:
+        replicas = build_replicas(
+            flavour, cls_name, engine, factory, engine_options, session_options, replica_options
+        )
     return Binding(
         engine=engine,
-        sessionmaker=flavour.sessionmaker(engine, session_options),
+        sessionmaker=factory,
         url=parsed,
         # An engine created here is ours to dispose (at lifespan shutdown); a given one is not.
         owns_engine=parsed is not None,
         session_options=session_options,
+        replicas=replicas,
     )

@@ -20,12 +20,21 @@ class Holder:
     (the middleware's per-request object is a ``Holder`` too, so not two).
     """
 
-    __slots__ = ("open", "rollback_only", "session")
+    # route_scope: with read replicas, the ASGI scope whose route says where the session
+    # reads from (unset or None: the primary). Only a database with replicas reads it.
+    __slots__ = ("never_commits", "open", "rollback_only", "route_scope", "session", "tasks")
+    route_scope: Any
 
     def __init__(self) -> None:
         self.session: Any = None
         self.open = True
         self.rollback_only = False
+        # Set by an owner that never commits (``session_scope(commit=False)``,
+        # ``commit_on=None``), so per-task sessions under it don't either.
+        self.never_commits = False
+        # Inside ``task_sessions()``: the block (a ``_tasks.TaskSessions``) that
+        # hands each task a holder of its own.
+        self.tasks: Any = None
 
     def empty(self) -> Any:
         """Empty the slot for good (it never fills again) and return what it held."""

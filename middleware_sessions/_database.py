@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token, copy_context
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, overload
 
@@ -13,14 +13,14 @@ import anyio
 from sqlalchemy import URL, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
-from typing_extensions import TypeVar
+from typing_extensions import TypeVar, Unpack
 
-from . import _hooks
+from . import _hooks, _tasks
 from ._binding import Binding, bind
 from ._context import Holder
 from ._flavour import ASYNC, SYNC, Flavour, finish
 from ._override import Override
-from ._types import AsyncSessionOptions, AsyncSessionT, SessionOptions, SessionT
+from ._types import AsyncSessionOptions, AsyncSessionT, ReplicaOptions, SessionOptions, SessionT
 from .exceptions import (
     BLOCKING_USE,
     NO_SESSION,
@@ -54,9 +54,16 @@ class _BaseDatabase(Generic[S]):
         engine: Any,
         engine_options: Mapping[str, Any] | None,
         session_options: Mapping[str, Any] | None,
+        replica_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._binding = bind(
-            self._flavour, type(self).__name__, url, engine, engine_options, session_options
+            self._flavour,
+            type(self).__name__,
+            url,
+            engine,
+            engine_options,
+            session_options,
+            replica_options,
         )
         # Named after the database, so a missing session can say which others are here.
         self._var: ContextVar[Holder | None] = ContextVar(_VAR_PREFIX + repr(self))
@@ -80,12 +87,21 @@ class _BaseDatabase(Generic[S]):
         holder = self._var.get(None)
         if holder is None:
             raise self._missing()
+        if holder.tasks is not None:
+            holder = holder.tasks.holder()  # this task's own, inside task_sessions()
         session = holder.session
         if session is None:
             if not holder.open:
                 raise MissingSessionError(SESSION_CLOSED)
             # A closed request session must fail loudly, never quietly start over.
-            session = holder.session = self._binding.sessionmaker(close_resets_only=False)
+            binding = self._binding
+            if binding.replicas is None or getattr(holder, "route_scope", None) is None:
+                session = binding.sessionmaker(close_resets_only=False)
+            else:
+                session = binding.replicas.session_for(holder.route_scope, self._flavour)
+                if session is None:
+                    session = binding.sessionmaker(close_resets_only=False)
+            holder.session = session
         if self._check_loop and _running_loop() is not None:
             self._used_on_event_loop()
         return session  # type: ignore[no-any-return]
@@ -126,6 +142,8 @@ class _BaseDatabase(Generic[S]):
         holder = self._var.get(None)
         if holder is None:
             raise self._missing()
+        if holder.tasks is not None:
+            holder = holder.tasks.holder()
         holder.rollback_only = True
 
     def override(
@@ -172,8 +190,11 @@ class _BaseDatabase(Generic[S]):
         previous, self._binding = self._binding, binding
         return previous
 
-    def _open_scope(self, session_options: Mapping[str, Any]) -> tuple[Holder, Token[Any]]:
+    def _open_scope(
+        self, session_options: Mapping[str, Any], commit: bool = True
+    ) -> tuple[Holder, Token[Any]]:
         holder = Holder()
+        holder.never_commits = not commit
         holder.session = self._binding.sessionmaker(**session_options)
         return holder, self._var.set(holder)
 
@@ -191,6 +212,15 @@ class Database(_BaseDatabase[SessionT]):
     is used on the event loop thread (an ``async def`` route), where it would block
     every other request: ``"warn"`` (a ``BlockingSessionWarning``), ``"raise"`` or
     ``"ignore"``.
+
+    ``replicas=[url, ...]`` (or ``replica_engines=[...]``) adds PostgreSQL streaming
+    replicas: a request whose route is ``@transaction_policy(read_only=True)`` reads
+    from one, and everything else stays on the primary. ``max_replica_lag`` (seconds,
+    default 5) bounds how stale a replica may be; after a request that wrote, the
+    response sets a signed cookie (``replica_cookie``, default ``"db_lsn"``; ``None``
+    for none, ``replica_secret`` shared by every worker) with which the same client's
+    reads wait up to ``replica_wait`` seconds (default 0.1) for a replica to replay
+    the write, else read from the primary. See docs/replicas.md.
     """
 
     _flavour = SYNC
@@ -207,6 +237,7 @@ class Database(_BaseDatabase[SessionT]):
             session_options: SessionOptions[SessionT],
             blocking_check: BlockingCheck = "warn",
             on_event_loop: BlockingCheck | None = None,
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
         @overload
@@ -219,6 +250,7 @@ class Database(_BaseDatabase[SessionT]):
             session_options: Mapping[str, Any] | None = None,
             blocking_check: BlockingCheck = "warn",
             on_event_loop: BlockingCheck | None = None,
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
     def __init__(
@@ -230,6 +262,7 @@ class Database(_BaseDatabase[SessionT]):
         session_options: Mapping[str, Any] | None = None,
         blocking_check: BlockingCheck = "warn",
         on_event_loop: BlockingCheck | None = None,
+        **replica_options: Unpack[ReplicaOptions],
     ) -> None:
         if on_event_loop is not None:
             warnings.warn(
@@ -247,7 +280,7 @@ class Database(_BaseDatabase[SessionT]):
             )
         self._blocking_check = blocking_check
         self._check_loop = blocking_check != "ignore"
-        super().__init__(url, engine, engine_options, session_options)
+        super().__init__(url, engine, engine_options, session_options, replica_options)
 
     @property
     def engine(self) -> Engine:
@@ -273,7 +306,7 @@ class Database(_BaseDatabase[SessionT]):
         commits (the block's work is rolled back at the end); ``session_options``
         go to the session factory for this scope only.
         """
-        holder, token = self._open_scope(session_options)
+        holder, token = self._open_scope(session_options, commit)
         session = holder.session
         succeeded = False
         try:
@@ -291,7 +324,8 @@ class Database(_BaseDatabase[SessionT]):
 class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
     """An async database: an ``AsyncEngine``, an ``async_sessionmaker`` and ``db.session``.
 
-    Same arguments as ``Database``. Sessions default to ``expire_on_commit=False``,
+    Same arguments as ``Database`` (``replicas=[...]`` included, with async drivers).
+    Sessions default to ``expire_on_commit=False``,
     so objects stay readable after the commit without awaiting a reload. With
     ``session_options={"class_": sqlmodel.ext.asyncio.session.AsyncSession}``,
     ``db.session`` is a SQLModel session (``.exec()``), typed as such.
@@ -309,6 +343,7 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
             engine: AsyncEngine | None = None,
             engine_options: Mapping[str, Any] | None = None,
             session_options: AsyncSessionOptions[AsyncSessionT],
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
         @overload
@@ -319,6 +354,7 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
             engine: AsyncEngine | None = None,
             engine_options: Mapping[str, Any] | None = None,
             session_options: Mapping[str, Any] | None = None,
+            **replica_options: Unpack[ReplicaOptions],
         ) -> None: ...
 
     def __init__(
@@ -328,8 +364,9 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
         engine: AsyncEngine | None = None,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        **replica_options: Unpack[ReplicaOptions],
     ) -> None:
-        super().__init__(url, engine, engine_options, session_options)
+        super().__init__(url, engine, engine_options, session_options, replica_options)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -351,7 +388,7 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
         commits (the block's work is rolled back at the end); ``session_options``
         go to the session factory for this scope only.
         """
-        holder, token = self._open_scope(session_options)
+        holder, token = self._open_scope(session_options, commit)
         session = holder.session
         succeeded = False
         try:
@@ -369,3 +406,45 @@ class AsyncDatabase(_BaseDatabase[AsyncSessionT]):
             finally:
                 ready = _hooks.take_ready(session.sync_session)
                 await _hooks.run_async(ready, "a session_scope()")
+
+    def task_sessions(
+        self, *, max_concurrent: int | None = None
+    ) -> AbstractAsyncContextManager[Any]:
+        """Give each asyncio task started inside the block a session of its own.
+
+        The task that opens the block keeps the request's (or scope's) session.
+        Every other task that reads ``db.session`` gets its own, committed when the
+        task finishes without an exception and rolled back otherwise (always rolled
+        back under a scope or middleware that never commits), then closed.
+        ``max_concurrent`` caps how many are open at once: tasks then take a slot
+        through ``db.gather()`` or ``db.task_session()``.
+        """
+        return _tasks.task_sessions(self, max_concurrent)
+
+    async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
+        """``asyncio.gather`` where each coroutine runs with a session of its own.
+
+        Each session is settled (commit on success, rollback on error) as its
+        coroutine ends, before ``gather`` returns. Inside ``task_sessions()`` it
+        honours the block's ``max_concurrent``; elsewhere it opens a block for the call.
+        """
+        block = _tasks.current_block(self)
+        if block is not None:
+            return await block.gather(*aws, return_exceptions=return_exceptions)
+        async with _tasks.task_sessions(self, None) as block:
+            return await block.gather(*aws, return_exceptions=return_exceptions)
+
+    @asynccontextmanager
+    async def task_session(self) -> AsyncIterator[AsyncSessionT]:
+        """This task's own session inside ``task_sessions()``, taking a slot first.
+
+        Waits for one of the block's ``max_concurrent`` slots, yields the task's
+        session, and settles it when the ``async with`` ends. Outside
+        ``task_sessions()`` it is simply ``db.session``.
+        """
+        block = _tasks.current_block(self)
+        if block is None:
+            yield self.session
+            return
+        async with block.slot():
+            yield self.session

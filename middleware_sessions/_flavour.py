@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _hooks
+from ._ceiling import lend_while_waiting
 from ._redaction import redact
 
 logger = logging.getLogger("middleware_sessions")
@@ -134,6 +135,9 @@ class SyncFlavour(Flavour[Session]):
         return create_engine(url, **options)
 
     def sessionmaker(self, engine: Engine, options: Mapping[str, Any]) -> sessionmaker[Any]:
+        # Every engine a Database binds passes here: route threads waiting for one
+        # of its connections lend their thread token meanwhile.
+        lend_while_waiting(engine)
         # sessionmaker makes a subclass of its own: our event listeners stay on it.
         factory: sessionmaker[Any] = sessionmaker(engine, **options)
         _hooks.install(factory.class_)

@@ -20,7 +20,9 @@ from ._hooks import run_async as run_hooks
 from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
+from ._replicas import Replay, failed_replica, route_of
 from ._retry import Conflict
+from ._tokens import PRIMARY_ONLY, Tokens, insert_lsn, wrote
 from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 
 logger = logging.getLogger("middleware_sessions")
@@ -133,31 +135,42 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        if self.retries or _policy.any_route_retries:
+        binding = self.db._binding
+        if (self.retries or _policy.any_route_retries) and binding.replicas is None:
             await self._run_retrying(scope, receive, send)
             return
-        await self._run(_Request(self, scope, send), receive)
+        if binding.replicas is None:
+            request = _Request(self, scope, send)
+        else:
+            replay = Replay(receive)
+            request = _ReplicaRequest(self, scope, send, replay)
+            receive = replay.receive
+        await self._run(request, receive)
 
     async def _run(self, request: _Request, receive: Receive) -> None:
-        """The app, once, on a session of the request's own."""
+        """The app, on a session of the request's own (again, for a failed replica read)."""
         var = self._var
         token = var.set(request)
         app_failed = True
         try:
-            try:
-                await self.app(request.scope, receive, request.send)
-                app_failed = False
-            except _CommitFailed:
-                pass  # the real error is raised below, outside this handler
-            except Conflict:
-                raise
-            except BaseException as exc:
-                if request.ends_in_conflict(exc):
-                    raise Conflict from None
-                if not (request.error is not None and _only_commit_failed(exc)):
-                    if await request.answered(exc):
-                        return
+            while True:
+                try:
+                    await self.app(request.scope, receive, request.send)
+                    app_failed = False
+                except _CommitFailed:
+                    pass  # the real error is raised below, outside this handler
+                except Conflict:
                     raise
+                except BaseException as exc:
+                    if request.ends_in_conflict(exc):
+                        raise Conflict from None
+                    if not (request.error is not None and _only_commit_failed(exc)):
+                        if isinstance(request, _ReplicaRequest) and await request.read_again(exc):
+                            continue  # on the primary, this time
+                        if await request.answered(exc):
+                            return
+                        raise
+                break
             if request.error is not None:
                 # Raised here, so the framework logs the database error itself and
                 # sends its 500 (the start message never went out).
@@ -238,9 +251,12 @@ class DBSessionMiddleware:
         async def send_wrapper(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 binding = self.db._binding
-                if binding.owns_engine:
+                engines = [binding.engine] if binding.owns_engine else []
+                if binding.replicas is not None:
+                    engines += binding.replicas.owned_engines
+                for engine in engines:
                     try:
-                        await self.db._flavour.dispose(binding.engine)
+                        await self.db._flavour.dispose(engine)
                     except Exception:
                         logger.error(
                             "Disposing of the database engine at shutdown failed.", exc_info=True
@@ -282,6 +298,8 @@ class _Request(Holder):
         self.started = False
         self.error: BaseException | None = None
         self.poisoned = False
+        self.never_commits = middleware.commit_on is None  # nor do its per-task sessions
+        self.tasks = None
 
     def send(self, message: Message) -> Awaitable[None]:
         # A plain function handing back send()'s awaitable: requests that never touch
@@ -487,3 +505,83 @@ class _Attempt(_Request):
         self.conflict = sqlstate
         self._send = _refuse_conflict
         raise Conflict
+
+
+class _ReplicaRequest(_Request):
+    """A request to a database with read replicas.
+
+    Its session reads from a replica when its route is read-only (``route_scope``); a
+    replica that fails it is replaced by the primary and the request run again; the
+    start of a response to a request that wrote carries a read-your-writes cookie.
+    """
+
+    __slots__ = ("_forward", "replay")
+
+    def __init__(
+        self, middleware: DBSessionMiddleware, scope: Scope, send: Send, replay: Replay
+    ) -> None:
+        super().__init__(middleware, scope, send)
+        self.route_scope = scope
+        self.replay: Replay | None = replay
+        self._forward = send
+        self._send = self._send_with_token
+
+    async def _send_with_token(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self.session is not None:
+            replicas = self.middleware.db._binding.replicas
+            if replicas is not None and replicas.tokens is not None:
+                message = await self._with_token(replicas.tokens, self.session, message)
+        await self._forward(message)
+
+    async def _with_token(self, tokens: Tokens, session: Any, message: Message) -> Message:
+        """The start message with a read-your-writes cookie, if the request wrote."""
+        flavour = self.middleware.db._flavour
+        sync_session = flavour.sync_session(session)
+        if not wrote(sync_session) or route_of(sync_session) is not None:
+            return message
+        try:
+            with anyio.CancelScope(shield=True):
+                value = tokens.sign(await flavour.run(session, insert_lsn))
+        except Exception:
+            # Committed, but where to? The cookie then sends reads to the primary.
+            logger.warning(
+                "Could not read the primary's WAL position after %s; this client reads "
+                "from the primary until its %s cookie expires.",
+                self._where(),
+                tokens.cookie,
+                exc_info=True,
+            )
+            value = PRIMARY_ONLY
+        headers = [*message.get("headers", ()), tokens.header(value)]
+        return {**message, "headers": headers}
+
+    async def read_again(self, exc: BaseException) -> bool:
+        """Get ready to run a read-only request again on the primary if its replica failed it.
+
+        Only before anything was sent, and only a request without a body (one that can
+        be replayed). True if the app should be called again.
+        """
+        session, replay = self.session, self.replay
+        if session is None or self.started or replay is None:
+            return False
+        replicas = self.middleware.db._binding.replicas
+        flavour = self.middleware.db._flavour
+        replica = failed_replica(flavour.sync_session(session), exc)
+        if replicas is None or replica is None or not replay.rewind():
+            return False
+        replicas.set.skip(replica, "failed a read")
+        logger.warning(
+            "Reading from replica %s failed for %s; reading from the primary instead.",
+            replica.name,
+            self._where(),
+        )
+        with anyio.CancelScope(shield=True):
+            try:
+                await flavour.finish(session, commit=False, discard_connection=True)
+            except Exception:
+                logger.debug("Discarding the failed replica session raised.", exc_info=True)
+        # No route scope any more: the next db.session is on the primary. Once only.
+        self.session = None
+        self.route_scope = None
+        self.replay = None
+        return True

@@ -15,6 +15,7 @@ ATTRIBUTE = "__middleware_sessions_policy__"
 class Policy:
     commit_on: Callable[[int], bool] | None
     read_only: bool
+    replica: bool = True
     retries: int | None = None
 
 
@@ -42,16 +43,19 @@ def transaction_policy(
     *,
     commit_on: Callable[[int], bool] | None = None,
     read_only: bool = False,
+    replica: bool = True,
     retries: int | None = None,
 ) -> Callable[[Endpoint], Endpoint]:
     """Override the middleware's ``commit_on`` or ``retries`` for one route.
 
     ``commit_on=...`` decides from the status, as the middleware's option does;
     ``read_only=True`` never commits (the transaction is rolled back after the
-    response, so the status is not held up by a COMMIT round-trip);
-    ``retries=N`` runs the request again up to N times after a serialization
-    failure or a deadlock (``retries=0``: never, whatever the middleware says).
-    Works on ``def`` and ``async def`` endpoints, above or below the route decorator::
+    response, so the status is not held up by a COMMIT round-trip); with a database
+    that has ``replicas=[...]`` it also reads from a replica, unless ``replica=False``
+    keeps it on the primary. ``retries=N`` runs the request again up to N times after
+    a serialization failure or a deadlock (``retries=0``: never, whatever the
+    middleware says). Works on ``def`` and ``async def`` endpoints, above or below
+    the route decorator::
 
         @router.get("/report")
         @transaction_policy(read_only=True)
@@ -77,7 +81,13 @@ def transaction_policy(
     if retries is not None:
         check_retries(retries, "transaction_policy()'s retries")
         any_route_retries = any_route_retries or retries > 0
-    policy = Policy(commit_on=commit_on, read_only=read_only, retries=retries)
+    if not replica and not read_only:
+        raise ValueError(
+            "transaction_policy() got replica=False without read_only=True. "
+            "Only read-only routes read from replicas; every other route uses the primary. "
+            "Drop replica=False, or add read_only=True."
+        )
+    policy = Policy(commit_on=commit_on, read_only=read_only, replica=replica, retries=retries)
 
     def mark(endpoint: Endpoint) -> Endpoint:
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Generic, Literal
 
+from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from typing_extensions import TypedDict, TypeVar
@@ -47,3 +49,14 @@ class AsyncSessionOptions(TypedDict, Generic[AsyncSessionT], total=False):
     join_transaction_mode: JoinTransactionMode
     close_resets_only: bool
     query_cls: Any
+
+
+class ReplicaOptions(TypedDict, total=False):
+    """Read replicas (PostgreSQL streaming replicas), for read-only routes; see docs/replicas.md."""
+
+    replicas: Sequence[str | URL]
+    replica_engines: Sequence[Any]
+    max_replica_lag: float
+    replica_wait: float
+    replica_cookie: str | None
+    replica_secret: str | bytes | None

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["BlockingSessionWarning", "ConcurrentSessionError", "MissingSessionError"]
+__all__ = [
+    "BlockingSessionWarning",
+    "ConcurrentSessionError",
+    "MissingSessionError",
+    "ReadOnlySessionError",
+]
 
 
 class MissingSessionError(RuntimeError):
@@ -11,6 +16,10 @@ class MissingSessionError(RuntimeError):
 
 class ConcurrentSessionError(RuntimeError):
     """One session was used by two tasks or threads at the same time."""
+
+
+class ReadOnlySessionError(RuntimeError):
+    """A read-only request's session (reading from a replica) was asked to write."""
 
 
 class BlockingSessionWarning(RuntimeWarning):
@@ -43,8 +52,22 @@ CONCURRENT_USE = (
     "The session of {where} was used by two tasks or threads at the same time. "
     "A SQLAlchemy session is one transaction on one connection and cannot run two "
     "operations at once (asyncio.gather, task groups or threads over db.session do that). "
-    "Give each concurrent task its own session: "
-    "'async with db.session_scope() as session:' or 'db.sessionmaker()'."
+    "Give each concurrent task its own session: 'await db.gather(a(), b())' runs "
+    "coroutines with a session each, and inside 'async with db.task_sessions():' every "
+    "task gets its own (AsyncDatabase); or open 'db.session_scope()' in each task."
+)
+
+TASK_OUTLIVED_BLOCK = (
+    "This task's db.task_sessions() block has already ended. "
+    "The task was started inside the block and outlived it, so no session is settled for it. "
+    "Await the task inside the block, or give it its own db.session_scope()."
+)
+
+TASK_WITHOUT_SLOT = (
+    "This task read db.session inside 'db.task_sessions(max_concurrent=...)' without a slot. "
+    "With max_concurrent, a task must wait for a free slot before it gets a session. "
+    "Run the work through db.gather() or inside 'async with db.task_session():' "
+    "(fastapi-async-sqlalchemy's db.connection())."
 )
 
 BLOCKING_USE = (
@@ -59,4 +82,11 @@ INSTALLED_TWICE = (
     "DBSessionMiddleware is installed twice for {db!r}. "
     "Each request already gets its session from the outer middleware, so the inner one "
     "does nothing. Remove one of the add_middleware(DBSessionMiddleware, db=...) calls."
+)
+
+REPLICA_WRITE = (
+    "This request tried to {what}, but its route is read-only ({policy}). "
+    "A read-only route's session reads from a replica, and a replica cannot write. "
+    "Remove read_only=True from the route's transaction_policy(), or pass replica=False "
+    "to keep it on the primary (its writes are still rolled back)."
 )

@@ -76,7 +76,7 @@ def outer_transaction(db: Database[Any]) -> Iterator[Connection]:
         # Same options and session class (with its hook listeners), bound to the connection.
         options = {**binding.sessionmaker.kw, **_JOIN, "bind": connection}
         factory = sessionmaker(class_=binding.sessionmaker.class_, **options)
-        db._swap(replace(binding, sessionmaker=factory))
+        db._swap(replace(binding, sessionmaker=factory, replicas=None))
         try:
             yield connection
         finally:
@@ -108,7 +108,7 @@ async def async_outer_transaction(db: AsyncDatabase[Any]) -> AsyncIterator[Async
             await connection.run_sync(_begin_for_real)
             options = {**binding.sessionmaker.kw, **_JOIN, "bind": connection}
             factory = async_sessionmaker(class_=binding.sessionmaker.class_, **options)
-            db._swap(replace(binding, sessionmaker=factory))
+            db._swap(replace(binding, sessionmaker=factory, replicas=None))
             try:
                 yield connection
             finally:

@@ -225,6 +225,8 @@ class PostgresServer:
         self.host: Final = _HOST
         self._bindir = bindir
         self._settings = {**_DEFAULT_SETTINGS, **(settings or {})}
+        # Streaming replication over the unix socket, for tests/_replica.py.
+        self._replication = self._settings.get("wal_level") in ("replica", "logical")
         self._as_root = _running_as_root()
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         self._env["LC_ALL"] = "C"
@@ -295,7 +297,7 @@ class PostgresServer:
             if self._as_root:
                 shutil.chown(self._tempdir, _RUN_AS, _RUN_AS)
             self._start_watchdog()
-            self._initdb()
+            self._make_datadir()
             for attempt in range(3):
                 self._port = _free_port()
                 try:
@@ -305,11 +307,7 @@ class PostgresServer:
                     # Someone else grabbed the port between bind() and start.
                     if attempt == 2 or "could not bind" not in self._log_tail():
                         raise
-            user = self._identifier(self.user)
-            self._psql(
-                f"CREATE ROLE {user} LOGIN PASSWORD {self._literal(self.password)}",
-                f"CREATE DATABASE {self._identifier(self.database)} OWNER {user}",
-            )
+            self._after_first_start()
         except BaseException:
             self.stop()
             raise
@@ -387,6 +385,18 @@ class PostgresServer:
         return f"<PostgresServer {state}>"
 
     # -- internals -------------------------------------------------------------
+
+    def _make_datadir(self) -> None:
+        """Create the data directory (a subclass may copy one instead)."""
+        self._initdb()
+
+    def _after_first_start(self) -> None:
+        """Create the application role and database."""
+        user = self._identifier(self.user)
+        self._psql(
+            f"CREATE ROLE {user} LOGIN PASSWORD {self._literal(self.password)}",
+            f"CREATE DATABASE {self._identifier(self.database)} OWNER {user}",
+        )
 
     @staticmethod
     def _identifier(name: str) -> str:
@@ -488,9 +498,10 @@ class PostgresServer:
             conf.write("\n# added by tests/_postgres.py\n")
             conf.writelines(_conf_line(k, v) for k, v in settings.items())
         # Only what we need: the socket (trust) and 127.0.0.1 with passwords.
-        (self.datadir / "pg_hba.conf").write_text(
-            f"local all all trust\nhost all all {_HOST}/32 scram-sha-256\n"
-        )
+        hba = f"local all all trust\nhost all all {_HOST}/32 scram-sha-256\n"
+        if self._replication:
+            hba += "local replication all trust\n"
+        (self.datadir / "pg_hba.conf").write_text(hba)
 
     def _pg_ctl_start(self) -> None:
         result = self._run(

@@ -23,7 +23,8 @@ from sqlalchemy.engine import Engine
 from middleware_sessions import AsyncDatabase, Database
 
 from ._postgres import PostgresServer
-from .helpers import AnyDatabase, Base, Client, postgres_or_skip
+from ._replica import Replication
+from .helpers import AnyDatabase, Base, Client, postgres_or_skip, replication_or_skip
 
 BACKENDS = [
     pytest.param(("sync", "sqlite"), id="sync-sqlite"),
@@ -46,6 +47,35 @@ def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the whole run, or a skip that says why not."""
     with postgres_or_skip() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def replication() -> Iterator[Replication]:
+    """A primary and a streaming replica for the whole run, or a skip that says why not."""
+    with replication_or_skip() as pair:
+        yield pair
+
+
+@pytest.fixture
+def replicated(replication: Replication) -> Iterator[Replication]:
+    """The primary and replica with a fresh database (``replicated.database``), empty tables.
+
+    Whatever a test does to the replica (pause, delay, stop) is undone afterwards.
+    """
+    name = next(_database_names)
+    replication.create_database(name)
+    replication.database = name
+    setup = Database(replication.url("psycopg"))
+    Base.metadata.create_all(setup.engine)
+    setup.engine.dispose()
+    replication.replica.catch_up()
+    yield replication
+    replica = replication.replica
+    if not replica.running:
+        replica.start_again()
+    replica.set_apply_delay(0)
+    replica.resume_replay()
+    replica.catch_up()
 
 
 def _enforce_sqlite_foreign_keys(engine: Engine) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from middleware_sessions import AsyncDatabase, Database, DBSessionMiddleware
 
 from ._postgres import PostgresServer, skip_reason
+from ._replica import Replication, replication_skip_reason
 
 # CI sets this: there the PostgreSQL tests must run, and a missing server fails them.
 REQUIRE_POSTGRES = os.environ.get("MIDDLEWARE_SESSIONS_REQUIRE_POSTGRES") == "1"
@@ -143,3 +144,18 @@ def postgres_or_skip() -> Iterator[PostgresServer]:
         pytest.skip(reason)
     with PostgresServer() as server:
         yield server
+
+
+@contextmanager
+def replication_or_skip() -> Iterator[Replication]:
+    """A throwaway primary and streaming replica, or a skip that says why not (a failure in CI)."""
+    reason = replication_skip_reason()
+    if reason is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL replication is required here: {reason}")
+        pytest.skip(reason)
+    replication = Replication().start()
+    try:
+        yield replication
+    finally:
+        replication.stop()

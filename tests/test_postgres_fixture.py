@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from ._postgres import PostgresServer, ShutdownMode, skip_reason
+from ._replica import Replication
 
 pytestmark = pytest.mark.postgres
 
@@ -103,3 +104,29 @@ def test_stop_is_idempotent_and_cleans_up() -> None:
     server.stop()
     assert not server.running
     assert not tempdir.exists()
+
+
+def test_the_replica_streams_and_its_replay_can_be_paused(replicated: Replication) -> None:
+    primary, replica = replicated.primary, replicated.replica
+    assert replica.psql("SELECT pg_is_in_recovery()").strip() == "t"
+    db = replicated.database
+    primary.psql("CREATE TABLE streamed (value int)", database=db)
+    replica.pause_replay()
+    primary.psql("INSERT INTO streamed VALUES (1)", database=db)
+    # Paused: the replica still has the table (replayed before) but not the row.
+    assert replica.psql("SELECT count(*) FROM streamed", database=db).strip() == "0"
+    replica.resume_replay()
+    replica.catch_up()
+    assert replica.psql("SELECT count(*) FROM streamed", database=db).strip() == "1"
+
+
+def test_the_replica_comes_back_after_a_stop(replicated: Replication) -> None:
+    primary, replica = replicated.primary, replicated.replica
+    replica.stop_server_only()
+    primary.psql("CREATE TABLE while_stopped (value int)", database=replicated.database)
+    replica.start_again()
+    replica.catch_up()
+    assert (
+        replica.psql("SELECT count(*) FROM while_stopped", database=replicated.database).strip()
+        == "0"
+    )

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +103,10 @@ class DemoServer:
         *,
         workers: int = 1,
         command: Sequence[str] = ("-m", "demo_app"),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.extra_env = dict(env or {})  # e.g. DATABASE_REPLICA_URLS
         self.database_url = database_url
         self.workers = workers
         self.command = command
@@ -132,6 +134,7 @@ class DemoServer:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         if self.database_url is not None:
             env["DATABASE_URL"] = self.database_url
+        env.update(self.extra_env)
         command = [sys.executable, *self.command, "--host", "127.0.0.1", "--port", str(port)]
         command += ["--workers", str(self.workers)]
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -147,6 +147,24 @@ def _details(figures: dict[str, dict[str, Any]]) -> list[str]:
                 f"p99 {f['p99_ms']} ms ({f['transfers_per_s']} transfers/s). Money before "
                 f"{f['total_cents_before']:,} cents, after {f['total_cents_after']:,} cents.",
             ]
+        if "thread_tokens" in f:
+            lines += [
+                "",
+                f"**Sync app, {f['requests']} concurrent mixed requests** ({f['settings']}: "
+                f"engine options {f['engine_options'] or 'none'}, {f['thread_tokens']} threads): "
+                f"{_statuses(f.get('statuses'))}, {f['failed']} failed, "
+                f"{f['wall_time_s']} s in all, slowest request {f['slowest_request_s']} s.",
+            ]
+        if "reads_from_replica" in f:
+            lines += [
+                "",
+                f"**Read replica** ({_name(nodeid)}): {f['workers']} uvicorn workers, a "
+                f"streaming replica {f['apply_delay_ms']} ms behind; {f['transfers']:,} "
+                f"transfers, {f['reads_after_a_201']:,} reads right after a 201 "
+                f"({f['reads_from_replica']:,} served by the replica), "
+                f"{f['reads_not_seeing_their_write']} not seeing their own write; money before "
+                f"{f['total_cents_before']:,} cents, after {f['total_cents_after']:,} cents.",
+            ]
         if "max_latency_during_outage_s" in f:
             lines += [
                 "",
