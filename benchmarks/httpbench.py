@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
 import socket
 import subprocess
@@ -181,6 +182,9 @@ def run(backend: Backend, settings: Settings, progress: Any = print) -> HttpResu
                         seen[variant].append(answer)
                     for variant, answers in seen.items():
                         if not answers:
+                            # Both half-windows failed (the errors are listed): keep the
+                            # round, so every variant's rounds stay paired with the others'.
+                            cell.rates.setdefault(variant, []).append(math.nan)
                             continue
                         requests = sum(a["requests"] for a in answers)
                         wall = sum(a["wall"] for a in answers)

@@ -41,6 +41,8 @@ class Summary:
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Summary:
+        # A round a variant could not be measured in is NaN: it keeps the rounds paired.
+        values = [v for v in values if not math.isnan(v)] or [math.nan]
         lo, hi = median_ci(values)
         return cls(statistics.median(values), lo, hi, len(values))
 
@@ -60,7 +62,7 @@ class Summary:
 
 def ratios(num: Sequence[float], den: Sequence[float]) -> Summary:
     """Per-round ratios ``num[r] / den[r]``, summarised."""
-    return Summary.of([x / y for x, y in zip(num, den, strict=True) if y > 0])
+    return Summary.of([x / y for x, y in zip(num, den, strict=True) if y > 0 and not math.isnan(x)])
 
 
 @dataclass(frozen=True)
