@@ -30,6 +30,10 @@ costs in pure Python: with them the floor is about 2.7 % over no middleware (the
 layer 0.7 %, the ContextVar 0.7 %, holder and wrapper 1.3 %); the 2 % target of
 issue 12 is below it. What is left above the floor (~0.6 %) is the request
 object's bookkeeping (11 slot stores) and the replicas/compat checks.
+
+Variant ``retrying`` is ours with ``retries=3``: ready to run the request again
+(body kept, scope copied), no conflict. On 2026-12-02 it measured 364,664
+instructions per request against 340,430 for ours with ``retries=0``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def make(variant: str) -> FastAPI:
 
     if variant == "ours":
         app.add_middleware(DBSessionMiddleware, db=AsyncDatabase("sqlite+aiosqlite://"))
+    elif variant == "retrying":  # ready to run the request again (retries=3), no conflict
+        db = AsyncDatabase("sqlite+aiosqlite://")
+        app.add_middleware(DBSessionMiddleware, db=db, retries=3)
     elif variant == "noop":
         app.add_middleware(PassThrough)
     return app

@@ -2,6 +2,8 @@
 
 SQLite by default (a file next to where the server runs); ``DATABASE_URL``
 switches to PostgreSQL, e.g. ``postgresql+asyncpg://user:password@host/ledger``.
+``DATABASE_ISOLATION`` (``read-committed``, ``repeatable-read``, ``serializable``)
+sets the isolation level of every transaction.
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def isolation_options() -> dict[str, Any]:
+    """Engine options for ``DATABASE_ISOLATION``, e.g. ``serializable``."""
+    level = os.environ.get("DATABASE_ISOLATION")
+    if not level:
+        return {}
+    return {"isolation_level": level.replace("-", " ").replace("_", " ").upper()}
+
+
 def make_database(url: str | None = None) -> AsyncDatabase:
     """An ``AsyncDatabase`` for ``url``, else ``DATABASE_URL``, else the SQLite file.
 
@@ -40,10 +50,12 @@ def make_database(url: str | None = None) -> AsyncDatabase:
             url,
             replicas=[u for u in replicas if u],
             replica_secret=os.environ.get("DATABASE_REPLICA_SECRET") or None,
+            engine_options=isolation_options(),
         )
     # SQLite has one writer at a time: concurrent transfers wait for the lock
     # (up to 30 s) instead of failing with "database is locked".
-    database = AsyncDatabase(url, engine_options={"connect_args": {"timeout": 30}})
+    options = {"connect_args": {"timeout": 30}, **isolation_options()}
+    database = AsyncDatabase(url, engine_options=options)
     event.listen(database.engine.sync_engine, "connect", _sqlite_pragmas)
     return database
 

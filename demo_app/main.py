@@ -62,7 +62,9 @@ def create_app() -> FastAPI:
     )
     app.include_router(router)
     app.add_exception_handler(LedgerError, ledger_error)
-    app.add_middleware(DBSessionMiddleware, db=db)
+    # A transfer that loses a serialization race (DATABASE_ISOLATION=serializable)
+    # or a deadlock is run again, whole, before the client hears anything.
+    app.add_middleware(DBSessionMiddleware, db=db, retries=10)
     app.add_middleware(WorkerPidHeader)
     return app
 

@@ -12,6 +12,7 @@ import anyio.lowlevel
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import _policy, _retry
 from ._context import Holder
 from ._database import AsyncDatabase, Database
 from ._diagnostics import describe_discarded, is_concurrent_use, redact
@@ -20,6 +21,7 @@ from ._hooks import take_ready
 from ._policy import ATTRIBUTE as POLICY_ATTRIBUTE
 from ._policy import Policy
 from ._replicas import Replay, failed_replica, route_of
+from ._retry import Conflict
 from ._tokens import PRIMARY_ONLY, Tokens, insert_lsn, wrote
 from .exceptions import CONCURRENT_USE, INSTALLED_TWICE, ConcurrentSessionError
 
@@ -80,6 +82,13 @@ class DBSessionMiddleware:
     ``Retry-After``. Database errors leaving the app are stripped of SQL text and
     values (``redact_errors=False`` keeps them whole). Websocket and lifespan traffic
     pass through; an engine the database created is disposed at lifespan shutdown.
+
+    ``retries=N`` runs a request again, whole, up to N times when its transaction
+    fails with a serialization failure or a deadlock before any of its response was
+    forwarded (``@transaction_policy(retries=...)`` overrides it per route). The body
+    is kept for that up to ``retry_body_limit`` bytes; between attempts the wait is
+    random, up to ``retry_backoff_base * 2 ** (retry - 1)`` seconds and at most
+    ``retry_backoff_cap``. When the retries run out, the answer is 503 with ``Retry-After``.
     """
 
     def __init__(
@@ -89,6 +98,10 @@ class DBSessionMiddleware:
         db: Database[Any] | AsyncDatabase[Any],
         commit_on: Callable[[int], bool] | None = _commit_below_400,
         redact_errors: bool = True,
+        retries: int = 0,
+        retry_body_limit: int = _retry.DEFAULT_BODY_LIMIT,
+        retry_backoff_base: float = _retry.DEFAULT_BACKOFF_BASE,
+        retry_backoff_cap: float = _retry.DEFAULT_BACKOFF_CAP,
     ) -> None:
         if not isinstance(db, (Database, AsyncDatabase)):
             raise TypeError(
@@ -106,6 +119,10 @@ class DBSessionMiddleware:
         self.commit_on = commit_on
         self.redact_errors = redact_errors
         self._var = db._var
+        self.retries = retries
+        self._retry_settings = _retry.Settings(
+            retries, retry_body_limit, retry_backoff_base, retry_backoff_cap
+        )
         # Installed twice for one database? Then the inner one does the work.
         self._outer_twin = _wraps_twin(app, db)
         if self._outer_twin:
@@ -118,23 +135,35 @@ class DBSessionMiddleware:
             await self.app(scope, receive, send)
             return
 
-        if self.db._binding.replicas is None:
+        binding = self.db._binding
+        if (self.retries or _policy.any_route_retries) and binding.replicas is None:
+            await self._run_retrying(scope, receive, send)
+            return
+        if binding.replicas is None:
             request = _Request(self, scope, send)
         else:
             replay = Replay(receive)
             request = _ReplicaRequest(self, scope, send, replay)
             receive = replay.receive
+        await self._run(request, receive)
+
+    async def _run(self, request: _Request, receive: Receive) -> None:
+        """The app, on a session of the request's own (again, for a failed replica read)."""
         var = self._var
         token = var.set(request)
         app_failed = True
         try:
             while True:
                 try:
-                    await self.app(scope, receive, request.send)
+                    await self.app(request.scope, receive, request.send)
                     app_failed = False
                 except _CommitFailed:
                     pass  # the real error is raised below, outside this handler
+                except Conflict:
+                    raise
                 except BaseException as exc:
+                    if request.ends_in_conflict(exc):
+                        raise Conflict from None
                     if not (request.error is not None and _only_commit_failed(exc)):
                         if isinstance(request, _ReplicaRequest) and await request.read_again(exc):
                             continue  # on the primary, this time
@@ -152,6 +181,45 @@ class DBSessionMiddleware:
             session, request.session, request.open = request.session, None, False
             if session is not None:
                 await request.finish(session, app_failed=app_failed)
+
+    async def _run_retrying(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request, and again after a conflict, while nothing of it was forwarded.
+
+        Each attempt starts from the scope as it came in (routing writes into it) and
+        gets a fresh session and the body from its first byte. A failed attempt leaves
+        nothing: its transaction was rolled back, its start message never forwarded,
+        and its background tasks never ran (they follow the response).
+        """
+        settings = self._retry_settings
+        body = _retry.Body(
+            receive,
+            settings.body_limit,
+            wanted=lambda: _retry.retries_for(scope, settings.retries) > 0,
+        )
+        pristine = _retry.Pristine(scope)
+        attempt = 1
+        while True:
+            request = _Attempt(self, scope, send, settings.retries)
+            token = _retry.CURRENT.set(request.marker)
+            try:
+                await self._run(request, body.receive())
+            except Conflict:
+                pass
+            finally:
+                _retry.CURRENT.reset(token)
+            sqlstate = request.conflict
+            if sqlstate is None:
+                return
+            # The route's policy is known now: routing ran in the attempt.
+            if attempt > _retry.retries_for(scope, settings.retries) or body.problem:
+                _retry.log_gave_up(scope, attempt, sqlstate, body.problem)
+                await _retry.send_unavailable(send)
+                return
+            delay = settings.delay(attempt)
+            attempt += 1
+            _retry.log_retry(scope, attempt, sqlstate, delay)
+            await anyio.sleep(delay)
+            pristine.restore()
 
     def decide(self, scope: Scope, status: int, holder: Holder) -> bool | None:
         """At the response start: commit (True), roll back (False), or wait for the end (None)."""
@@ -200,6 +268,10 @@ class DBSessionMiddleware:
 
 async def _refuse(message: Message) -> None:
     raise _CommitFailed  # the start was replaced by an error; nothing may follow
+
+
+async def _refuse_conflict(message: Message) -> None:
+    raise Conflict  # the attempt is over and runs again; nothing of it may go out
 
 
 class _Request(Holder):
@@ -261,6 +333,10 @@ class _Request(Holder):
                 raise _CommitFailed from exc
         self.started = True
         await self._send(message)
+
+    def ends_in_conflict(self, exc: BaseException) -> bool:
+        """Whether ``exc`` ends an attempt that runs again: never for a plain request."""
+        return False
 
     async def answered(self, exc: BaseException) -> bool:
         """Deal with an exception escaping the app: True if a response was sent instead.
@@ -334,9 +410,7 @@ class _Request(Holder):
             "Raise pool_size/max_overflow, or shorten slow transactions.",
             self._where(),
         )
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]
-        await self._send({"type": "http.response.start", "status": 503, "headers": headers})
-        await self._send({"type": "http.response.body", "body": b"Service Unavailable"})
+        await _retry.send_unavailable(self._send)
 
     def _log_discarded(self, session: Any, status: int) -> None:
         sync_session = self.middleware.db._flavour.sync_session(session)
@@ -349,6 +423,88 @@ class _Request(Holder):
 
     def _where(self) -> str:
         return f"{self.scope.get('method')} {self.scope.get('path')}"
+
+
+class _Attempt(_Request):
+    """One run of a request that may run again after a serialization failure or a deadlock.
+
+    The listeners of ``_retry`` report to its ``marker``: a conflict on this database's
+    engine (raised, or turned into a response by the app), and any commit of work of
+    its own, after which it must not run again.
+    """
+
+    __slots__ = ("_retries", "conflict", "marker")
+
+    def __init__(
+        self, middleware: DBSessionMiddleware, scope: Scope, send: Send, retries: int
+    ) -> None:
+        super().__init__(middleware, scope, send)
+        self._retries = retries  # the middleware's; the route's policy may say otherwise
+        # Set once the attempt is over and runs again: the SQLSTATE that ended it.
+        self.conflict: str | None = None
+        self.marker = _retry.Attempt(middleware.db.engine, outer=_retry.CURRENT.get())
+        _retry.watch(self.marker)
+
+    async def _start(self, message: Message) -> None:
+        """Run the request again instead of forwarding a response made of a conflict,
+        or a start whose COMMIT failed with one."""
+        if self.marker.conflict is not None:
+            session = self.session
+            status = message["status"]
+            if not (
+                session.in_transaction()
+                and self.middleware.decide(self.scope, status, self) is True
+            ):
+                await self._run_again()
+        try:
+            await super()._start(message)
+        except _CommitFailed as failed:
+            # Our own COMMIT, so this database's conflict, whether or not the listener saw
+            # it (a sync COMMIT runs in a worker thread, outside this context).
+            if self.marker.conflict is None:
+                self.marker.conflict = _retry.conflict_of(failed.__cause__)
+            if self._retryable() is None:
+                raise
+            self.error = None  # the COMMIT lost a serialization race: not an error, a retry
+            await self._run_again()
+
+    def ends_in_conflict(self, exc: BaseException) -> bool:
+        if self.conflict is not None:
+            return True  # the Conflict, wrapped by a task group or swallowed by the app
+        if not isinstance(exc, Exception) or _retry.conflict_of(exc) is None:
+            return False  # a cancellation or another error is never run again
+        sqlstate = self._retryable()
+        self.conflict = sqlstate
+        return sqlstate is not None
+
+    def _retryable(self) -> str | None:
+        """The SQLSTATE of this database's conflict, if the request may run again."""
+        sqlstate = self.marker.conflict
+        if sqlstate is None or self.started:
+            return None
+        if _retry.retries_for(self.scope, self._retries) == 0:
+            return None
+        if self.marker.committed:
+            # Running it again would repeat work that is already durable.
+            _retry.log_committed_already(self.scope, sqlstate)
+            return None
+        return sqlstate
+
+    async def _run_again(self) -> None:
+        """Roll back and leave the app, the start unsent: the dispatcher runs it again.
+
+        Does nothing where the request may not run again (the normal path goes on).
+        """
+        sqlstate = self._retryable()
+        if sqlstate is None:
+            return
+        session = self.session
+        if session is not None and session.in_transaction():
+            with anyio.CancelScope(shield=True):
+                await self.middleware.db._flavour.settle(session, False)
+        self.conflict = sqlstate
+        self._send = _refuse_conflict
+        raise Conflict
 
 
 class _ReplicaRequest(_Request):

@@ -134,6 +134,19 @@ def _details(figures: dict[str, dict[str, Any]]) -> list[str]:
                 f"per worker {f['transfers_per_worker']}; money before "
                 f"{f['total_cents_before']:,} cents, after {f['total_cents_after']:,} cents.",
             ]
+        if "p50_ms" in f:
+            lines += [
+                "",
+                f"**Retries, {f['isolation']}** ({_name(nodeid)}): the demo ledger with "
+                f"`--isolation {f['isolation']}` and `retries=10`, {f['requests']:,} transfers "
+                f"from {f['serializable_clients']} clients over {f['serializable_accounts']} "
+                f"accounts ({f['created']:,} made, {f['refused']:,} refused with 409, "
+                f"{f['gave_up']} answered 503 after running out of retries); "
+                f"**{f['retries']:,} retries** ({f['retries_40001']:,} after SQLSTATE 40001). "
+                f"Latency of a transfer, retries included: p50 {f['p50_ms']} ms, "
+                f"p99 {f['p99_ms']} ms ({f['transfers_per_s']} transfers/s). Money before "
+                f"{f['total_cents_before']:,} cents, after {f['total_cents_after']:,} cents.",
+            ]
         if "thread_tokens" in f:
             lines += [
                 "",
