@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import URL, Engine, create_engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -54,6 +55,13 @@ def rollback(session: Session) -> None:
     """Roll back; a failure is logged, not raised (nothing was written either way)."""
     try:
         session.rollback()
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            logger.warning(_ROLLBACK_FAILED, exc_info=redact(error))
+        else:
+            # The connection is gone (a server restart, a replica stopped): one line says
+            # it all, a traceback would only make a routine failover look like a bug.
+            logger.warning("%s The connection was lost: %s", _ROLLBACK_FAILED, redact(error))
     except Exception as error:
         logger.warning(_ROLLBACK_FAILED, exc_info=redact(error))
 

@@ -112,7 +112,6 @@ async def test_every_201_is_visible_to_its_client_at_once_on_a_lagging_replica(
     assert sum(final.values()) == sum(initial.values())
     # Most reads came from the replica (each waited for it to replay the client's write).
     assert served_by_replica >= reads // 2, (served_by_replica, reads)
-    assert served_by_replica <= reads
 
 
 async def test_reads_survive_the_replica_stopping_under_load(
