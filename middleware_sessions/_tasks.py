@@ -145,7 +145,11 @@ class TaskSessions:
                     self._semaphore.release()
 
     async def gather(self, *aws: Awaitable[Any], return_exceptions: bool = False) -> list[Any]:
-        """``asyncio.gather`` with a session (and a slot) per coroutine, settled as each ends."""
+        """``asyncio.gather`` with a session (and a slot) per coroutine, settled as each ends.
+
+        Unlike ``asyncio.gather``, a failure is raised only once every coroutine has
+        ended, so the outcome of each session never depends on timing.
+        """
         if self._semaphore is not None and not all(asyncio.iscoroutine(aw) for aw in aws):
             for aw in aws:
                 if asyncio.iscoroutine(aw):
@@ -155,10 +159,18 @@ class TaskSessions:
                 "A task already running cannot wait for a slot first. "
                 "Pass the coroutines themselves: db.gather(work(1), work(2))."
             )
-        return await asyncio.gather(
+        # Every coroutine runs to its end (and its session is settled) before gather
+        # returns or raises: with asyncio.gather's own early raise, a sibling still
+        # running would be rolled back when the block ends, or committed, by chance.
+        results = await asyncio.gather(
             *(self._in_slot(aw) if asyncio.iscoroutine(aw) else aw for aw in aws),
-            return_exceptions=return_exceptions,
+            return_exceptions=True,
         )
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
 
     async def _in_slot(self, coro: Awaitable[Any]) -> Any:
         async with self.slot():

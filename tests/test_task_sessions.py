@@ -80,10 +80,16 @@ async def test_gather_settles_each_session_before_it_returns(adb: AsyncDatabase)
 
 
 async def test_gather_rolls_back_the_coroutine_that_raised(adb: AsyncDatabase) -> None:
+    """The sibling of a failure still ends and commits: gather raises only after it."""
+    failed = asyncio.Event()
+
     async def add(name: str, fail: bool) -> None:
+        if not fail:
+            await failed.wait()  # writes and ends only after its sibling has raised
         adb.session.add(Item(name=name))
         await adb.session.flush()
         if fail:
+            failed.set()
             raise LookupError(name)
 
     async with adb.session_scope():
