@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event
 
 from ._postgres import PostgresServer
 from .helpers import Base
@@ -20,8 +20,10 @@ URL_BACKENDS = [
 ]
 
 
-def fresh_urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """A new database with the test tables: its (sync, async) URLs."""
+def fresh_urls(
+    request: pytest.FixtureRequest, tmp_path: Path, metadata: MetaData = Base.metadata
+) -> tuple[str, str]:
+    """A new database with the test tables (or ``metadata``'s): its (sync, async) URLs."""
     if request.param == "sqlite":
         sync_url = f"sqlite:///{tmp_path / 'test.db'}"
         async_url = sync_url.replace("sqlite", "sqlite+aiosqlite", 1)
@@ -32,7 +34,7 @@ def fresh_urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str
         sync_url = server.url("psycopg", database=name)
         async_url = server.url("asyncpg", database=name)
     engine = create_engine(sync_url)
-    Base.metadata.create_all(engine)
+    metadata.create_all(engine)
     engine.dispose()
     return sync_url, async_url
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +12,12 @@ from fastapi import FastAPI
 from middleware_sessions import AsyncDatabase, Database
 from middleware_sessions.testing import async_outer_transaction, outer_transaction
 
-from ._postgres import PostgresServer
+from ._backends import URL_BACKENDS, fresh_urls
 from .helpers import Client, make_app
 
 sqlmodel = pytest.importorskip("sqlmodel")
-from sqlmodel import Field, Session, SQLModel, create_engine, select  # noqa: E402
+from sqlmodel import Field, Session, SQLModel, select  # noqa: E402
 from sqlmodel.ext.asyncio.session import AsyncSession  # noqa: E402
-
-_names = (f"sqlmodel{n}" for n in itertools.count())
 
 
 class Hero(SQLModel, table=True):
@@ -29,31 +26,18 @@ class Hero(SQLModel, table=True):
     name: str
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("sync", "sqlite"), id="sync-sqlite"),
-        pytest.param(("async", "sqlite"), id="async-sqlite"),
-        pytest.param(("sync", "postgres"), id="sync-postgres", marks=pytest.mark.postgres),
-        pytest.param(("async", "postgres"), id="async-postgres", marks=pytest.mark.postgres),
-    ]
-)
-async def hero_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+@pytest.fixture(params=URL_BACKENDS)
+def hero_urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """A fresh database with the heroes table: its (sync, async) URLs."""
+    return fresh_urls(request, tmp_path, SQLModel.metadata)
+
+
+@pytest.fixture(params=["sync", "async"])
+async def hero_db(request: pytest.FixtureRequest, hero_urls: tuple[str, str]) -> AsyncIterator[Any]:
     """A SQLModel-classed Database or AsyncDatabase over an empty heroes table."""
-    flavour, backend = request.param
-    if backend == "sqlite":
-        sync_url = f"sqlite:///{tmp_path / 'heroes.db'}"
-        async_url = sync_url.replace("sqlite", "sqlite+aiosqlite", 1)
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        name = next(_names)
-        server.create_database(name)
-        sync_url = server.url("psycopg", database=name)
-        async_url = server.url("asyncpg", database=name)
-    setup = create_engine(sync_url)
-    SQLModel.metadata.create_all(setup)
-    setup.dispose()
+    sync_url, async_url = hero_urls
     db: Any
-    if flavour == "sync":
+    if request.param == "sync":
         db = Database(sync_url, session_options={"class_": Session}, blocking_check="ignore")
     else:
         db = AsyncDatabase(async_url, session_options={"class_": AsyncSession})
