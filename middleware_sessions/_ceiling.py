@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import functools
 import math
-import types
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,11 +57,16 @@ def _cover(pool: Pool) -> None:
     # Same object, same state: only how a blocking get() waits changes.
     pool._pool.__class__ = _LendingQueue
     if "recreate" not in vars(pool):
-        pool.recreate = types.MethodType(_recreate, pool)  # type: ignore[method-assign]
+        # Through a weak reference: a bound method would make a pool <-> method cycle,
+        # leaving every disposed pool (and the connections still in it) to the cyclic
+        # garbage collector, which closes them at some unrelated later moment.
+        pool.recreate = functools.partial(_recreate, weakref.ref(pool))  # type: ignore[method-assign]
 
 
-def _recreate(pool: QueuePool) -> QueuePool:
+def _recreate(ref: weakref.ReferenceType[QueuePool]) -> QueuePool:
     """``pool.recreate()`` (what ``engine.dispose()`` calls), covering the new pool too."""
+    pool = ref()
+    assert pool is not None  # it is the pool being asked to recreate itself
     new = type(pool).recreate(pool)
     _cover(new)
     return new
